@@ -1,0 +1,220 @@
+"""The one validated configuration of the App.
+
+Sources are applied in a fixed order, each overriding the one before:
+defaults < YAML file (``--config``) < environment variables < command-line flags.
+
+Environment variables are ``YRLLM_<SECTION>__<FIELD>`` (for example ``YRLLM_ROUTER__PORT=9100``);
+top-level fields are ``YRLLM_<FIELD>`` (``YRLLM_REPLICAS=2``). The openYuanrong variables
+``YR_SERVER_ADDRESS`` and ``DS_WORKER_ADDR`` from the original case select cluster mode.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "YRLLM_"
+_NESTED = "__"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the source."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+
+def _host_port(value: str | None, field: str) -> str | None:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{field} must be HOST:PORT, got {value!r}")
+    return value
+
+
+class RouterConfig(_Section):
+    """The HTTP front door."""
+
+    host: str = Field("127.0.0.1", description="Address the Router binds to. Loopback by default; "
+                      "set 0.0.0.0 only behind a firewall or with an admin token for scaling.")
+    port: int = Field(9000, ge=0, le=65535, description="Router port (0 picks a free one). "
+                      "9000 is the original case's port.")
+    admin_token: SecretStr | None = Field(None, description="If set, callers of the scaling endpoints "
+                                          "must send 'Authorization: Bearer <token>'; if unset, only "
+                                          "loopback callers may scale.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Upper bound on one proxied request.")
+
+
+class EngineConfig(_Section):
+    """How each vLLM engine (one per replica) is configured."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight and activation dtype. float32 is fastest on CPUs without AVX-512 BF16.")
+    max_model_len: int | None = Field(None, gt=0, description="Context length; the model's own if unset.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="CPU KV cache per engine in GiB "
+                                "(VLLM_CPU_KVCACHE_SPACE). Unset, vLLM would take most of the RAM.")
+    threads: int = Field(0, ge=0, description="Torch/OpenMP threads per engine; 0 means all cores.")
+    enforce_eager: bool = Field(True, description="Skip graph compilation: faster start-up, the point of "
+                                "elastic replicas.")
+    host: str = Field("127.0.0.1", description="Address each engine's HTTP server binds to. Engines are "
+                      "internal: only the Router talks to them.")
+    start_timeout_s: float = Field(600.0, gt=0, description="Give up on an engine that is not ready "
+                                   "after this many seconds.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra vLLM server flags passed "
+                                  "verbatim, for example ['--max-num-seqs', '8'].")
+
+
+class RuntimeMode(str, Enum):
+    """Where the actors and the data system come from."""
+
+    LOCAL = "local"  # yr local mode; the App starts its own data system worker on loopback.
+    CLUSTER = "cluster"  # an existing openYuanrong cluster and its data system; the App starts nothing.
+
+
+class RuntimeConfig(_Section):
+    """The openYuanrong runtime: embedded (local) or an existing cluster."""
+
+    mode: RuntimeMode | None = Field(None, description="local or cluster. Unset: cluster if "
+                                     "server_address is set, local otherwise.")
+    server_address: str | None = Field(None, description="Cluster mode: the openYuanrong master "
+                                       "HOST:PORT (env YR_SERVER_ADDRESS).")
+    ds_address: str | None = Field(None, description="Cluster mode: the data system worker HOST:PORT "
+                                   "(env DS_WORKER_ADDR, the 'ds_master_port' printed by 'yr start').")
+    ds_shared_memory_mb: int = Field(4096, ge=64, description="Local mode: shared memory of the data "
+                                     "system worker the App starts. Must hold the cached weights.")
+    ds_home: Path | None = Field(None, description="Local mode: the worker's home (logs, sockets). A "
+                                 "fresh temporary folder if unset, removed on shutdown.")
+    ds_start_timeout_s: float = Field(60.0, gt=0, description="Local mode: wait this long for the "
+                                      "worker to accept clients.")
+
+    @field_validator("server_address", "ds_address")
+    @classmethod
+    def _check_address(cls, value: str | None, info: Any) -> str | None:
+        return _host_port(value, info.field_name)
+
+    @property
+    def resolved_mode(self) -> RuntimeMode:
+        if self.mode is not None:
+            return self.mode
+        return RuntimeMode.CLUSTER if self.server_address else RuntimeMode.LOCAL
+
+    @model_validator(mode="after")
+    def _cluster_needs_addresses(self) -> "RuntimeConfig":
+        if self.resolved_mode is RuntimeMode.CLUSTER and not (self.server_address and self.ds_address):
+            raise ValueError("cluster mode needs both runtime.server_address (YR_SERVER_ADDRESS) and "
+                             "runtime.ds_address (DS_WORKER_ADDR)")
+        return self
+
+
+class AppConfig(_Section):
+    """Everything the App needs. Every field is documented; unknown keys are errors."""
+
+    model: Path | None = Field(None, description="A local model directory vLLM supports. Unset: a small "
+                               "demo Qwen2 model with RANDOM weights is built once and cached.")
+    served_model_name: str | None = Field(None, description="The model name clients send. Defaults to "
+                                          "the model directory's name.")
+    replicas: int = Field(1, ge=0, le=64, description="Replicas started by App.start().")
+    demo_cache_dir: Path = Field(Path.home() / ".cache" / "yrllm", description="Where the demo model "
+                                 "is built and cached.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _model_dir_exists(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser().resolve()
+        if not (value / "config.json").is_file():
+            raise ValueError(f"{value} is not a model directory (no config.json)")
+        return value
+
+    @classmethod
+    def load(cls, file: str | Path | None = None, env: Mapping[str, str] | None = None,
+             overrides: Mapping[str, Any] | None = None) -> "AppConfig":
+        """Build the config from defaults < YAML ``file`` < ``env`` < ``overrides`` (CLI flags).
+
+        ``overrides`` uses dotted names for sections (``{"router.port": 9100}``); ``None`` values are
+        ignored so that unset CLI flags do not mask the other sources.
+        """
+        env = os.environ if env is None else env
+        merged: dict[str, Any] = {}
+        sources: list[tuple[str, dict[str, Any]]] = []
+        if file is not None:
+            sources.append((f"config file {file}", _read_yaml(Path(file))))
+        sources.append(("environment", _from_env(env)))
+        sources.append(("command line", _unflatten({k: v for k, v in (overrides or {}).items()
+                                                    if v is not None})))
+        for _, source in sources:
+            _deep_merge(merged, source)
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    # The original case's variables, kept so its instructions work unchanged.
+    if env.get("YR_SERVER_ADDRESS"):
+        flat["runtime.server_address"] = env["YR_SERVER_ADDRESS"]
+    if env.get("DS_WORKER_ADDR"):
+        flat["runtime.ds_address"] = env["DS_WORKER_ADDR"]
+    for name, value in env.items():
+        if name.startswith(ENV_PREFIX):
+            flat[name[len(ENV_PREFIX):].lower().replace(_NESTED, ".")] = _env_value(value)
+    return _unflatten(flat)
+
+
+def _env_value(value: str) -> Any:
+    # YAML scalars give lists and booleans from the environment (YRLLM_ENGINE__EXTRA_ARGS='[a, b]').
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _deep_merge(into: dict[str, Any], other: Mapping[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"  {field}: {error['msg']} (got {error.get('input')!r})")
+    return "\n".join(lines)

@@ -1,0 +1,292 @@
+"""The Router's HTTP server: OpenAI routes proxied to engine replicas, health, metrics, status and the
+scaling endpoints.
+
+It imports no vLLM and no torch, so it starts in well under a second. It runs its own asyncio loop;
+the methods marked *thread-safe* may be called from any thread (the Router actor's call threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import Future
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from app.balancing import BalancingPolicy
+from app.config import RouterConfig
+from app.openai_protocol import (ApiError, ErrorType, Route, bad_request, no_replica_ready, parse_request,
+                                 unauthorized, upstream_failed)
+from app.replica import ReplicaInfo, ReplicaState
+from app.router_metrics import RouterMetrics
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID = "X-Request-Id"
+#: Scaling callback: takes the parsed JSON body of /scaleout or /scalein and the verb, returns the report.
+ScaleHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+_SERVER: web.AppKey["RouterServer"] = web.AppKey("router", object)  # type: ignore[arg-type]
+
+
+class RouterServer:
+    """Front door: validates, balances, proxies, measures."""
+
+    def __init__(self, config: RouterConfig, served_models: list[str],
+                 policy: str = "least_outstanding") -> None:
+        self._config = config
+        self._models = list(served_models)
+        self._policy = BalancingPolicy.create(policy)
+        self._replicas: dict[str, ReplicaInfo] = {}
+        self._in_flight: Counter[str] = Counter()
+        self._idle = asyncio.Condition()
+        self._metrics = RouterMetrics()
+        self._scale_handler: ScaleHandler | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def start_in_thread(self) -> int:
+        """Run the server on a loop in a daemon thread; returns the bound port. Thread-safe."""
+        started: Future[int] = Future()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                started.set_result(loop.run_until_complete(self.start()))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                started.set_exception(exc)
+                return
+            loop.run_forever()
+            loop.run_until_complete(self._cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="router-http", daemon=True)
+        self._thread.start()
+        return started.result(timeout=30)
+
+    def stop_thread(self) -> None:
+        """Stop the server started by ``start_in_thread``. Thread-safe, idempotent."""
+        if self._loop and self._thread and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+
+    async def start(self) -> int:
+        app = web.Application(middlewares=[self._errors_and_metrics], client_max_size=64 * 1024 * 1024)
+        app[_SERVER] = self
+        app.add_routes([
+            web.get("/health", self._health),
+            web.get("/ready", self._ready),
+            web.get("/metrics", self._metrics_page),
+            web.get("/status", self._status),
+            web.get("/v1/models", self._models_page),
+            web.post(Route.COMPLETIONS.value, self._proxy),
+            web.post(Route.CHAT_COMPLETIONS.value, self._proxy),
+            web.post("/scaleout", self._scale),
+            web.post("/scalein", self._scale),
+        ])
+        timeout = aiohttp.ClientTimeout(total=self._config.request_timeout_s, sock_connect=5)
+        # No connection limit per host: the balancer, not the pool, decides how many go to a replica.
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
+                                              auto_decompress=False)
+        # handler_cancellation: a client that disconnects cancels its handler, which closes the
+        # upstream connection, which makes vLLM abort the request instead of generating for nobody.
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._config.host, self._config.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        logger.info("Router listening on http://%s:%d", self._config.host, self.port)
+        return self.port
+
+    async def _cleanup(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    # ---- control plane (thread-safe) ---------------------------------------------------------------
+
+    def set_scale_handler(self, handler: ScaleHandler | None) -> None:
+        self._scale_handler = handler
+
+    def update_replicas(self, replicas: list[ReplicaInfo]) -> None:
+        """Replace the replica table. Thread-safe."""
+        self._call_in_loop(self._set_replicas, replicas)
+
+    def drain(self, replica_id: str, timeout_s: float) -> bool:
+        """Stop routing to a replica and wait until its in-flight requests are done. Thread-safe.
+        Returns False if requests were still running after ``timeout_s``."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(self._drain(replica_id, timeout_s),
+                                                self._loop).result()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``/status`` document. Thread-safe (reads are of immutable snapshots)."""
+        return {
+            "models": self._models,
+            "ready_replicas": len(self._ready_ids()),
+            "replicas": [{**info.model_dump(mode="json"), "in_flight": self._in_flight[rid]}
+                         for rid, info in sorted(self._replicas.items())],
+        }
+
+    def _call_in_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._loop is None:
+            fn(*args)
+        else:
+            asyncio.run_coroutine_threadsafe(_as_coroutine(fn, *args), self._loop).result()
+
+    def _set_replicas(self, replicas: list[ReplicaInfo]) -> None:
+        self._replicas = {info.replica_id: info for info in replicas}
+        by_state = Counter(info.state for info in replicas)
+        for state in ReplicaState:
+            self._metrics.replicas.labels(state.value).set(by_state[state])
+
+    async def _drain(self, replica_id: str, timeout_s: float) -> bool:
+        info = self._replicas.get(replica_id)
+        if info is not None:
+            self._replicas[replica_id] = info.model_copy(update={"state": ReplicaState.DRAINING})
+        async with self._idle:
+            try:
+                await asyncio.wait_for(self._idle.wait_for(lambda: self._in_flight[replica_id] == 0),
+                                       timeout_s)
+                return True
+            except asyncio.TimeoutError:
+                return False
+
+    # ---- HTTP --------------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors_and_metrics(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except ApiError as error:
+            status = error.status
+            return web.json_response(error.body(), status=error.status, headers=error.headers())
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            self._metrics.requests.labels(route, str(status)).inc()
+            self._metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        ready = len(self._ready_ids())
+        return web.json_response({"ready": ready > 0, "ready_replicas": ready}, status=200 if ready else 503)
+
+    def _ready_ids(self) -> list[str]:
+        return [rid for rid, info in self._replicas.items()
+                if info.state is ReplicaState.READY and info.url]
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.snapshot())
+
+    async def _models_page(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "yrllm"} for name in self._models]})
+
+    async def _proxy(self, request: web.Request) -> web.StreamResponse:
+        route = Route(request.path)
+        proxied = parse_request(route, await request.read(), set(self._models))
+        request_id = request.headers.get(REQUEST_ID) or f"req-{uuid.uuid4().hex}"
+        replica = self._policy.select(self._ready_ids(), dict(self._in_flight))
+        if replica is None:
+            raise no_replica_ready()
+        url = f"{self._replicas[replica].url}{route.value}"
+        self._track(replica, +1)
+        started = time.perf_counter()
+        response: web.StreamResponse | None = None
+        try:
+            async with self._session.post(  # type: ignore[union-attr]
+                    url, data=proxied.encoded(),
+                    headers={"Content-Type": "application/json", REQUEST_ID: request_id}) as upstream:
+                headers = {REQUEST_ID: request_id}
+                if upstream.content_type:
+                    headers["Content-Type"] = upstream.headers.get("Content-Type", upstream.content_type)
+                response = web.StreamResponse(status=upstream.status, headers=headers)
+                first = True
+                async for chunk in upstream.content.iter_any():
+                    if first:
+                        self._metrics.first_byte.labels(route.value).observe(time.perf_counter() - started)
+                        await response.prepare(request)
+                        first = False
+                    await response.write(chunk)
+                if first:
+                    await response.prepare(request)
+                await response.write_eof()
+                return response
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            logger.warning("replica %s failed request %s: %r", replica, request_id, exc)
+            if response is None or not response.prepared:
+                raise upstream_failed(repr(exc)) from None
+            # Headers are gone; the only honest signal left for a stream is an error event.
+            await response.write(b"data: " + json.dumps(upstream_failed(repr(exc)).body()).encode()
+                                 + b"\n\n")
+            await response.write_eof()
+            return response
+        finally:
+            self._track(replica, -1)
+
+    def _track(self, replica: str, delta: int) -> None:
+        self._in_flight[replica] += delta
+        self._metrics.in_flight.labels(replica).set(self._in_flight[replica])
+        if delta < 0:
+            asyncio.ensure_future(self._notify_idle())
+
+    async def _notify_idle(self) -> None:
+        async with self._idle:
+            self._idle.notify_all()
+
+    async def _scale(self, request: web.Request) -> web.Response:
+        if not self._may_scale(request):
+            raise unauthorized()
+        if self._scale_handler is None:
+            raise ApiError(501, "This Router has no scaler attached.", ErrorType.UNAVAILABLE)
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise bad_request(f"The request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise bad_request("The request body must be a JSON object.")
+        verb = request.path.strip("/")
+        return web.json_response(await self._scale_handler(verb, body))
+
+    def _may_scale(self, request: web.Request) -> bool:
+        token = self._config.admin_token
+        if token is not None:
+            presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            return secrets.compare_digest(presented.encode(), token.get_secret_value().encode())
+        try:
+            return ipaddress.ip_address(request.remote or "").is_loopback
+        except ValueError:
+            return False
+
+
+async def _as_coroutine(fn: Callable[..., None], *args: Any) -> None:
+    fn(*args)

@@ -1,0 +1,70 @@
+"""Config precedence (defaults < YAML < env < CLI) and errors that name the field."""
+
+import pytest
+
+from app.config import AppConfig, ConfigError, RuntimeMode
+
+
+def test_defaults_are_safe():
+    config = AppConfig.load(env={})
+    assert config.router.host == "127.0.0.1"
+    assert config.router.port == 9000
+    assert config.engine.host == "127.0.0.1"
+    assert config.runtime.resolved_mode is RuntimeMode.LOCAL
+    assert config.model is None
+
+
+def test_precedence_yaml_then_env_then_cli(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("replicas: 2\nrouter: {port: 9100, host: 127.0.0.2}\nengine: {kv_cache_gib: 2}\n")
+    env = {"YRLLM_ROUTER__PORT": "9200", "YRLLM_ENGINE__DTYPE": "float32"}
+    config = AppConfig.load(file, env=env, overrides={"router.port": 9300, "replicas": None})
+    assert config.router.port == 9300  # CLI beats env beats YAML
+    assert config.router.host == "127.0.0.2"  # YAML beats defaults
+    assert config.engine.dtype == "float32"  # env beats defaults
+    assert config.engine.kv_cache_gib == 2
+    assert config.replicas == 2  # an unset CLI flag (None) does not mask the YAML
+
+
+def test_env_lists_and_original_case_variables():
+    env = {"YRLLM_ENGINE__EXTRA_ARGS": "[--max-num-seqs, '8']",
+           "YR_SERVER_ADDRESS": "10.0.0.1:31501", "DS_WORKER_ADDR": "10.0.0.1:11373"}
+    config = AppConfig.load(env=env)
+    assert config.engine.extra_args == ["--max-num-seqs", "8"]
+    assert config.runtime.resolved_mode is RuntimeMode.CLUSTER
+    assert config.runtime.ds_address == "10.0.0.1:11373"
+
+
+@pytest.mark.parametrize("source, field", [
+    ({"overrides": {"router.port": 70000}}, "router.port"),
+    ({"env": {"YRLLM_ENGINE__KV_CACHE_GIB": "-1"}}, "engine.kv_cache_gib"),
+    ({"overrides": {"replicas": "many"}}, "replicas"),
+    ({"overrides": {"router.prot": 1}}, "router.prot"),  # typo: extra="forbid"
+    ({"env": {"DS_WORKER_ADDR": "nohost"}}, "runtime.ds_address"),
+])
+def test_bad_values_name_the_field(source, field):
+    env = source.get("env", {})
+    with pytest.raises(ConfigError) as info:
+        AppConfig.load(env=env, overrides=source.get("overrides"))
+    assert field in str(info.value)
+
+
+def test_cluster_mode_needs_both_addresses():
+    with pytest.raises(ConfigError, match="DS_WORKER_ADDR"):
+        AppConfig.load(env={"YR_SERVER_ADDRESS": "10.0.0.1:31501"})
+
+
+def test_model_must_be_a_model_directory(tmp_path):
+    with pytest.raises(ConfigError, match="model"):
+        AppConfig.load(env={}, overrides={"model": str(tmp_path)})
+    (tmp_path / "config.json").write_text("{}")
+    assert AppConfig.load(env={}, overrides={"model": str(tmp_path)}).model == tmp_path.resolve()
+
+
+def test_unreadable_yaml_is_a_config_error(tmp_path):
+    file = tmp_path / "bad.yaml"
+    file.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        AppConfig.load(file, env={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        AppConfig.load(tmp_path / "missing.yaml", env={})
