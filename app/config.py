@@ -50,6 +50,10 @@ class RouterConfig(_Section):
                                           "must send 'Authorization: Bearer <token>'; if unset, only "
                                           "loopback callers may scale.")
     request_timeout_s: float = Field(600.0, gt=0, description="Upper bound on one proxied request.")
+    scale_timeout_s: float = Field(900.0, gt=0, description="Upper bound on one /scaleout or /scalein "
+                                   "call; the scaling itself goes on if the caller gives up.")
+    drain_timeout_s: float = Field(300.0, gt=0, description="Scale-in waits this long for a replica's "
+                                   "in-flight requests before stopping it anyway.")
 
 
 class EngineConfig(_Section):

@@ -11,16 +11,18 @@ import asyncio
 import ipaddress
 import json
 import logging
+import queue
 import secrets
 import threading
 import time
 import uuid
 from collections import Counter
 from concurrent.futures import Future
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Literal
 
 import aiohttp
 from aiohttp import web
+from pydantic import BaseModel
 
 from app.balancing import BalancingPolicy
 from app.config import RouterConfig
@@ -32,8 +34,50 @@ from app.router_metrics import RouterMetrics
 logger = logging.getLogger(__name__)
 
 REQUEST_ID = "X-Request-Id"
-#: Scaling callback: takes the parsed JSON body of /scaleout or /scalein and the verb, returns the report.
-ScaleHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class ScaleRequest(BaseModel):
+    """A scaling request that arrived over HTTP, waiting for the App (the controller) to carry it out."""
+
+    request_id: str
+    verb: Literal["scaleout", "scalein"]
+    body: dict[str, Any]
+
+
+class ScaleMailbox:
+    """Hands HTTP scaling requests to the App and its answers back.
+
+    The Router cannot call the App (the App is the driver, not an actor), so the App long-polls
+    ``take`` through an actor call and answers with ``finish``. This works the same in local mode
+    (threads) and cluster mode (processes)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[ScaleRequest] = queue.Queue()
+        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+
+    async def submit(self, verb: str, body: dict[str, Any], timeout_s: float) -> tuple[int, dict[str, Any]]:
+        request = ScaleRequest(request_id=uuid.uuid4().hex, verb=verb, body=body)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[request.request_id] = (asyncio.get_running_loop(), future)
+        self._queue.put(request)
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        finally:
+            self._waiting.pop(request.request_id, None)
+
+    def take(self, timeout_s: float) -> ScaleRequest | None:
+        """Thread-safe."""
+        try:
+            return self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    def finish(self, request_id: str, status: int, body: dict[str, Any]) -> None:
+        """Thread-safe. An answer for a request whose client has gone is dropped."""
+        waiting = self._waiting.get(request_id)
+        if waiting is not None:
+            loop, future = waiting
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result((status, body)))
 
 _SERVER: web.AppKey["RouterServer"] = web.AppKey("router", object)  # type: ignore[arg-type]
 
@@ -50,7 +94,7 @@ class RouterServer:
         self._in_flight: Counter[str] = Counter()
         self._idle = asyncio.Condition()
         self._metrics = RouterMetrics()
-        self._scale_handler: ScaleHandler | None = None
+        self.scale_requests = ScaleMailbox()
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -120,9 +164,6 @@ class RouterServer:
             await self._session.close()
 
     # ---- control plane (thread-safe) ---------------------------------------------------------------
-
-    def set_scale_handler(self, handler: ScaleHandler | None) -> None:
-        self._scale_handler = handler
 
     def update_replicas(self, replicas: list[ReplicaInfo]) -> None:
         """Replace the replica table. Thread-safe."""
@@ -265,8 +306,6 @@ class RouterServer:
     async def _scale(self, request: web.Request) -> web.Response:
         if not self._may_scale(request):
             raise unauthorized()
-        if self._scale_handler is None:
-            raise ApiError(501, "This Router has no scaler attached.", ErrorType.UNAVAILABLE)
         raw = await request.read()
         try:
             body = json.loads(raw) if raw.strip() else {}
@@ -274,8 +313,13 @@ class RouterServer:
             raise bad_request(f"The request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise bad_request("The request body must be a JSON object.")
-        verb = request.path.strip("/")
-        return web.json_response(await self._scale_handler(verb, body))
+        try:
+            status, answer = await self.scale_requests.submit(request.path.strip("/"), body,
+                                                              self._config.scale_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, "The scaling request did not finish in time; see /status.",
+                           ErrorType.UNAVAILABLE, None, "scale_timeout") from None
+        return web.json_response(answer, status=status)
 
     def _may_scale(self, request: web.Request) -> bool:
         token = self._config.admin_token

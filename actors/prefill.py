@@ -1,0 +1,43 @@
+"""Prefill actor: hosts one vLLM engine (see ``app.engine_host``).
+
+In PD-merged mode (the default, the original case's PREFILL_INS_NUM=1, DECODE_INS_NUM=0) a Prefill
+replica serves whole requests. In disaggregated mode it would prefill and hand the KV cache to a
+Decode replica through the data system.
+"""
+
+from __future__ import annotations
+
+import yr
+
+from app.engine_host import EngineHost
+from app.engine_spec import EngineSpec
+from app.replica import ReplicaInfo, Role
+
+
+@yr.instance
+class Prefill:
+    role = Role.MERGED
+
+    def __init__(self, spec: EngineSpec) -> None:
+        self._host = EngineHost(spec, self.role)
+
+    def start(self) -> ReplicaInfo:
+        return self._host.start()
+
+    def info(self) -> ReplicaInfo:
+        return self._host.info()
+
+    def check_health(self) -> None:
+        self._host.check_health()
+
+    def first_token(self) -> float:
+        return self._host.first_token()
+
+    def timeline(self) -> dict[str, float]:
+        return dict(self._host.timeline)
+
+    def mark_draining(self) -> None:
+        self._host.mark_draining()
+
+    def stop(self) -> ReplicaInfo:
+        return self._host.stop()

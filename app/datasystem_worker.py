@@ -1,0 +1,93 @@
+"""A real openYuanrong data system worker, started by the App on loopback in local mode.
+
+We run the ``datasystem_worker`` binary ourselves, in the foreground, instead of through ``dscli``:
+``dscli`` daemonises it, and a daemon is exactly the orphan the App must never leave behind. The
+flags are the ones ``dscli start`` passes, with every path pinned under the worker's home.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from app.processes import ChildProcess, free_port, port_open
+
+logger = logging.getLogger(__name__)
+
+
+def _package_dir() -> Path:
+    import yr.datasystem
+
+    return Path(yr.datasystem.__file__).resolve().parent
+
+
+class DataSystemWorker:
+    """Start with ``start()``, stop with ``stop()`` (idempotent). The address is ``host:port``."""
+
+    def __init__(self, shared_memory_mb: int, home: Path | None = None, host: str = "127.0.0.1") -> None:
+        self._shared_memory_mb = shared_memory_mb
+        self._owns_home = home is None
+        self._home = home
+        self.host = host
+        self.port: int | None = None
+        self._process: ChildProcess | None = None
+
+    @property
+    def address(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the data system worker is not started")
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def start(self, timeout_s: float = 60.0) -> str:
+        home = self._home or Path(tempfile.mkdtemp(prefix="yrllm-ds-"))
+        self._home = home
+        state = home / "datasystem"
+        ready_file = state / "probe" / "ready"
+        ready_file.unlink(missing_ok=True)  # a stale probe survives a stop and would lie
+        self.port, metastore_port = free_port(self.host), free_port(self.host)
+        package = _package_dir()
+        flags = {
+            "worker_address": f"{self.host}:{self.port}",
+            "metastore_address": f"{self.host}:{metastore_port}",
+            "start_metastore_service": "true",
+            "shared_memory_size_mb": str(self._shared_memory_mb),
+            "log_dir": state / "logs",
+            "rocksdb_store_dir": state / "rocksdb",
+            "unix_domain_socket_dir": state / "uds",
+            "ready_check_path": ready_file,
+            "health_check_path": state / "probe" / "healthy",
+            "monitor_config_file": state / "config" / "datasystem.config",
+            "client_reconnect_wait_s": "5",
+        }
+        started = time.monotonic()
+        self._process = ChildProcess(
+            "data system worker", [str(package / "datasystem_worker"), *(f"--{k}={v}" for k, v in flags.items())],
+            home / "worker.log", env={"LD_LIBRARY_PATH": str(package / "lib")}, cwd=home)
+        while time.monotonic() - started < timeout_s:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"the data system worker exited with code {self._process.poll()}; "
+                                   f"see {state / 'logs'}:\n{self._process.log_tail()}")
+            if ready_file.exists() and port_open(self.host, self.port):
+                logger.info("data system worker ready at %s in %.1f s (home %s)", self.address,
+                            time.monotonic() - started, home)
+                return self.address
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"the data system worker was not ready within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            started = time.monotonic()
+            self._process.stop(grace_s=15)
+            logger.info("data system worker stopped in %.1f s", time.monotonic() - started)
+            self._process = None
+        if self._owns_home and self._home is not None:
+            shutil.rmtree(self._home, ignore_errors=True)
+            self._home = None

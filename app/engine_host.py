@@ -1,0 +1,139 @@
+"""The body of an engine actor: one vLLM engine in a supervised process of its own.
+
+Why a process per engine, and not the engine inside the actor: in yr local mode actors are threads of
+the driver, and engines sharing one process share a GIL and silently clobber each other's ``vllm:*``
+Prometheus metrics; a crashed engine would also take the driver down. The process runs vLLM's own
+OpenAI server. vLLM's async engine always runs EngineCore in a process of its own (spawned: the CPU
+platform forces it), but the model worker stays inside EngineCore (see ``EngineSpec.environment``),
+so a replica is two processes, not three.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from app.engine_spec import EngineSpec
+from app.processes import ChildProcess, free_port
+from app.replica import ReplicaInfo, ReplicaState, Role
+
+logger = logging.getLogger(__name__)
+
+
+class EngineFailed(RuntimeError):
+    """The engine process died or never became ready. The message carries its last log lines."""
+
+
+class EngineHost:
+    """Starts, watches and stops one engine process. ``__init__`` does no I/O; ``start`` blocks until
+    the engine answers ``/health`` (or fails with the reason)."""
+
+    def __init__(self, spec: EngineSpec, role: Role = Role.MERGED) -> None:
+        self._spec = spec
+        self._role = role
+        self._state = ReplicaState.PENDING
+        self._process: ChildProcess | None = None
+        self._lock = threading.Lock()
+        self.timeline: dict[str, float] = {"actor_up": time.time()}
+
+    @property
+    def spec(self) -> EngineSpec:
+        return self._spec
+
+    def info(self) -> ReplicaInfo:
+        return ReplicaInfo(replica_id=self._spec.replica_id, role=self._role, state=self._state,
+                           url=self._spec.url if self._state is ReplicaState.READY else None,
+                           pid=self._process.pid if self._process else None)
+
+    def start(self) -> ReplicaInfo:
+        with self._lock:
+            if self._state is not ReplicaState.PENDING:
+                raise RuntimeError(f"replica {self._spec.replica_id} is {self._state.value}, not pending")
+            port = self._spec.port or free_port(self._spec.host)
+            self._spec = self._spec.model_copy(update={"port": port})
+            self._state = ReplicaState.LOADING
+            self._process = ChildProcess(
+                f"engine {self._spec.replica_id}",
+                [sys.executable, "-m", "app.engine_main", self._spec.model_dump_json()],
+                self._spec.log_dir / f"engine-{self._spec.replica_id}.log",
+                env={"PYTHONPATH": _project_root()})
+        try:
+            self._wait_ready()
+        except BaseException:
+            self._state = ReplicaState.FAILED
+            self._process.stop(grace_s=5)
+            raise
+        self._state = ReplicaState.READY
+        self.timeline["engine_ready"] = time.time()
+        return self.info()
+
+    def _wait_ready(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + self._spec.start_timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise EngineFailed(f"engine {self._spec.replica_id} exited with code "
+                                   f"{self._process.poll()} while starting; last log lines:\n"
+                                   f"{self._process.log_tail()}")
+            if self._healthy():
+                return
+            time.sleep(0.1)
+        raise EngineFailed(f"engine {self._spec.replica_id} not ready after "
+                           f"{self._spec.start_timeout_s:.0f} s; log {self._process.log_file}")
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self._spec.url}/health", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def check_health(self) -> None:
+        """Raise if the replica cannot serve."""
+        if self._state is not ReplicaState.READY:
+            raise EngineFailed(f"replica {self._spec.replica_id} is {self._state.value}")
+        assert self._process is not None
+        if self._process.poll() is not None:
+            self._state = ReplicaState.FAILED
+            raise EngineFailed(f"engine {self._spec.replica_id} exited with code {self._process.poll()}")
+        if not self._healthy():
+            raise EngineFailed(f"engine {self._spec.replica_id} does not answer /health")
+
+    def mark_draining(self) -> None:
+        if self._state is ReplicaState.READY:
+            self._state = ReplicaState.DRAINING
+
+    def stop(self) -> ReplicaInfo:
+        """Stop the engine (its EngineCore too). Idempotent."""
+        with self._lock:
+            if self._process is not None:
+                code = self._process.stop()
+                logger.info("engine %s stopped (exit code %s)", self._spec.replica_id, code)
+            if self._state is not ReplicaState.FAILED:
+                self._state = ReplicaState.STOPPED
+        return self.info()
+
+    def first_token(self) -> float:
+        """Send a one-token completion and return when its answer arrived (the 'first token' mark)."""
+        body = json.dumps({"model": self._spec.served_model_name, "prompt": "Hello",
+                           "max_tokens": 1, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{self._spec.url}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            response.read()
+        self.timeline["first_token"] = time.time()
+        return self.timeline["first_token"]
+
+
+def _project_root() -> str:
+    # The engine process must import this project even when the driver was started from elsewhere.
+    root = str(Path(__file__).resolve().parent.parent)
+    existing = os.environ.get("PYTHONPATH")
+    return f"{root}{os.pathsep}{existing}" if existing else root

@@ -1,0 +1,86 @@
+"""Child processes that can never outlive the App: the data system worker and the engines.
+
+Each child runs in its own process group (so its own children, such as vLLM's EngineCore, are stopped
+with it) and gets PR_SET_PDEATHSIG, so the kernel kills it even if the driver is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Mapping, Sequence
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago. The child binds it right away, so the race is narrow."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
+    try:
+        socket.create_connection((host, port), timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+class ChildProcess:
+    """A supervised child with its output in a log file."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_file: Path,
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.name = name
+        self.log_file = log_file
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "ab") as log:
+            self._popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
+                                           stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                           cwd=cwd, start_new_session=True, preexec_fn=_die_with_parent)
+        logger.info("started %s (pid %d), log %s", name, self._popen.pid, log_file)
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    def poll(self) -> int | None:
+        return self._popen.poll()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 30.0) -> int:
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL the whole process group. Idempotent."""
+        if self._popen.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self._popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop within %.0f s; killing it", self.name, grace_s)
+        # Whatever is left in the group (a grandchild that ignored SIGTERM) goes too.
+        self._signal_group(signal.SIGKILL)
+        return self._popen.wait()
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self._popen.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -1,0 +1,52 @@
+"""The openYuanrong runtime the App runs on: embedded (local mode plus a data system worker the App
+starts and always stops) or an existing cluster (the App connects and starts nothing)."""
+
+from __future__ import annotations
+
+import logging
+
+from app.config import RuntimeConfig, RuntimeMode
+from app.datasystem_worker import DataSystemWorker
+
+logger = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(self, config: RuntimeConfig) -> None:
+        self._config = config
+        self.mode = config.resolved_mode
+        self._worker: DataSystemWorker | None = None
+        self._yr_started = False
+        self.ds_address: str | None = config.ds_address
+
+    @property
+    def worker_pid(self) -> int | None:
+        return self._worker.pid if self._worker else None
+
+    def start(self) -> None:
+        import yr
+
+        if self.mode is RuntimeMode.LOCAL:
+            self._worker = DataSystemWorker(self._config.ds_shared_memory_mb, self._config.ds_home)
+            self.ds_address = self._worker.start(self._config.ds_start_timeout_s)
+            yr.init(yr.Config(local_mode=True))
+        else:
+            logger.info("connecting to the openYuanrong cluster at %s (data system %s)",
+                        self._config.server_address, self._config.ds_address)
+            yr.init(yr.Config(server_address=self._config.server_address,
+                              ds_address=self._config.ds_address))
+        self._yr_started = True
+
+    def stop(self) -> None:
+        """Idempotent; stops what ``start`` started even if it failed half way."""
+        if self._yr_started:
+            import yr
+
+            self._yr_started = False
+            try:
+                yr.finalize()
+            except Exception:  # noqa: BLE001 - never let it keep the worker alive
+                logger.exception("yr.finalize failed")
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None

@@ -1,0 +1,64 @@
+"""What ``App.scale`` did, for a person (``print(report)`` in a notebook) and for programs
+(``report.to_dict()``, the JSON that ``POST /scaleout`` answers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from app.replica import ReplicaState
+from app.weights.load_report import LoadReport
+
+#: Timeline marks in the order a replica passes them.
+MILESTONES = ("requested", "actor_up", "weights_loaded", "engine_ready", "first_token", "drained",
+              "stopped")
+
+
+class ReplicaReport(BaseModel):
+    replica_id: str
+    action: str = Field(description="'added' or 'removed'.")
+    state: ReplicaState
+    timeline: dict[str, float] = Field(default_factory=dict, description="Wall-clock time of each "
+                                       "milestone (seconds since the epoch).")
+    weights: LoadReport | None = None
+    error: str | None = None
+
+    def seconds_since_requested(self) -> dict[str, float]:
+        start = self.timeline.get("requested")
+        if start is None:
+            return {}
+        return {mark: round(self.timeline[mark] - start, 3) for mark in MILESTONES if mark in self.timeline}
+
+
+class ScaleReport(BaseModel):
+    requested_replicas: int
+    replicas_before: int
+    replicas_after: int
+    seconds: float
+    replicas: list[ReplicaReport] = Field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.error is None for r in self.replicas)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        for replica, source in zip(data["replicas"], self.replicas):
+            replica["seconds_since_requested"] = source.seconds_since_requested()
+        return data
+
+    def __str__(self) -> str:
+        lines = [f"scale to {self.requested_replicas}: {self.replicas_before} -> {self.replicas_after} "
+                 f"replicas in {self.seconds:.2f} s" + ("" if self.ok else "  (with errors)")]
+        for replica in self.replicas:
+            marks = "  ".join(f"{mark} +{s:.2f}s" for mark, s in replica.seconds_since_requested().items())
+            lines.append(f"  {replica.replica_id:<6} {replica.action:<8} {replica.state.value:<8} {marks}")
+            if replica.weights is not None:
+                lines.append(f"         weights: {replica.weights.summary()}")
+            if replica.error:
+                lines.append(f"         error: {replica.error}")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython/Jupyter display
+        printer.text(str(self))

@@ -1,0 +1,50 @@
+"""What one engine's weight load did: the plan it was given, where the weights really came from, how
+much and how fast, and why it fell back to disk if it did."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, Field
+
+
+class PlanKind(str, Enum):
+    """How a new replica gets its weights (decided by the WeightCache)."""
+
+    DISK = "disk"  # vLLM's default loader, nothing published (no cache)
+    SEED = "seed"  # load from disk, then publish to the data system for the replicas after it
+    MAP = "map"  # parameters become views of the data system's shared memory (host tier, CPU)
+    PULL = "pull"  # parameters filled by key from the data system (GPU/NPU, or host copy)
+
+
+class WeightSource(str, Enum):
+    """Where the weights a replica runs on actually came from."""
+
+    DISK = "disk"
+    HOST = "host"  # the data system's shared host memory
+    NPU = "npu"  # device-memory objects (Ascend)
+
+
+class LoadReport(BaseModel):
+    replica_id: str
+    plan: PlanKind
+    source: WeightSource
+    parameters: int = Field(0, description="Parameters filled.")
+    bytes: int = Field(0, description="Weight bytes filled.")
+    seconds: float = Field(0.0, description="Time to fill every parameter (and publish, for a seed).")
+    publish_seconds: float | None = Field(None, description="Seed only: time to publish.")
+    fallback_reason: str | None = Field(None, description="Why a fast path fell back to disk.")
+    finished_at: float = Field(0.0, description="Wall-clock time the weights were in place.")
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        text = (f"plan {self.plan.value}, from {self.source.value}: {self.parameters} params, "
+                f"{self.bytes / 1e6:.1f} MB in {self.seconds:.3f} s ({self.gbps:.2f} GB/s)")
+        if self.publish_seconds is not None:
+            text += f", published in {self.publish_seconds:.3f} s"
+        if self.fallback_reason:
+            text += f"; FELL BACK to disk: {self.fallback_reason}"
+        return text
