@@ -68,9 +68,10 @@ class ChildProcess:
             return ""
 
     def stop(self, grace_s: float = 30.0) -> int:
-        """SIGTERM, wait up to ``grace_s``, then SIGKILL the whole process group. Idempotent."""
+        """SIGTERM the child (it stops its own children), wait up to ``grace_s``, then SIGKILL whatever
+        is left of its process group. Idempotent."""
         if self._popen.poll() is None:
-            self._signal_group(signal.SIGTERM)
+            self._popen.send_signal(signal.SIGTERM)
             try:
                 self._popen.wait(grace_s)
             except subprocess.TimeoutExpired:

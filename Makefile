@@ -1,0 +1,31 @@
+# The two commands of the README:
+#   make serve   - run the App on the embedded default (local mode, own data system worker, demo model)
+#   make test    - run the test suite
+# Both create .venv and install the pinned stack on first use (and again when a requirements file or
+# pyproject.toml changes).
+
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test clean
+
+serve: $(STAMP)
+	$(VENV)/bin/python entrypoint.py $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt -r requirements-test.txt
+	# PyPI's builds of these are CUDA builds that break `transformers` imports on CPU; vLLM's text
+	# models need none of them.
+	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	# Installed (editable) so that vLLM finds our load format's entry point in every process.
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) *.egg-info

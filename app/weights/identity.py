@@ -1,0 +1,124 @@
+"""Weight identity: what makes two replicas' weights interchangeable, and the data system keys that
+follow from it.
+
+Two engines may share weights only if they have the same model *content* (not the same path), dtype,
+quantization, vLLM version and rank layout. The fingerprint hashes all of that; every key is derived
+from it, so a foreign or stale entry can never be found under a new replica's keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+# The data system's key rule (REFERENCE.md): no '.' and no '/', at most 255 characters.
+_KEY_RULE = re.compile(r"^[a-zA-Z0-9\-_!@#%\^\*\(\)\+\=\:;]{1,255}$")
+KEY_PREFIX = "yrllm"
+# Files whose bytes decide the weights: the architecture and the tensors.
+_WEIGHT_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.pt")
+_CHUNK = 8 << 20
+
+
+def check_key(key: str) -> str:
+    if not _KEY_RULE.match(key):
+        raise ValueError(f"invalid data system key {key!r}: at most 255 characters of "
+                         "letters, digits and -_!@#%^*()+=:; (no '.' or '/')")
+    return key
+
+
+def content_digest(model_dir: Path, cache_file: Path | None = None) -> str:
+    """SHA-256 over the names and bytes of the files that decide the weights, so that a renamed or
+    copied model keeps its identity and an edited one loses it.
+
+    Hashing reads every byte (about 1 s per GB); ``cache_file`` remembers each file's digest by its
+    path, size and modification time, so an App restart does not hash an unchanged model again."""
+    files = sorted({p for pattern in _WEIGHT_PATTERNS for p in model_dir.glob(pattern) if p.is_file()})
+    if not files:
+        raise ValueError(f"{model_dir} has no config.json or weight files")
+    cache = _read_cache(cache_file)
+    outer = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        stamp = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if stamp not in cache:
+            inner = hashlib.sha256()
+            with open(path, "rb") as handle:
+                while chunk := handle.read(_CHUNK):
+                    inner.update(chunk)
+            cache[stamp] = inner.hexdigest()
+        outer.update(f"{path.name}\0{cache[stamp]}\n".encode())
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        scratch = cache_file.with_suffix(".tmp")
+        scratch.write_text(json.dumps(cache))
+        scratch.replace(cache_file)
+    return outer.hexdigest()
+
+
+def _read_cache(cache_file: Path | None) -> dict[str, str]:
+    try:
+        return json.loads(cache_file.read_text()) if cache_file else {}
+    except (OSError, ValueError):
+        return {}
+
+
+class RankLayout(BaseModel):
+    """This engine rank's place in tensor, pipeline and expert parallelism."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    ep_rank: int = 0
+    ep_size: int = 1
+
+    @property
+    def tag(self) -> str:
+        return (f"tp{self.tp_rank}of{self.tp_size}_pp{self.pp_rank}of{self.pp_size}"
+                f"_ep{self.ep_rank}of{self.ep_size}")
+
+
+class WeightIdentity(BaseModel):
+    """Everything that decides a rank's weight bytes, apart from the rank itself."""
+
+    model_config = ConfigDict(frozen=True)
+
+    content: str  # content_digest of the model directory
+    dtype: str  # as requested ("auto" resolves the same way for the same content and vLLM)
+    quantization: str | None
+    vllm_version: str
+    tp_size: int = 1
+    pp_size: int = 1
+
+    @property
+    def fingerprint(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+class WeightKeys:
+    """Keys of one rank's entry: one per tensor plus a manifest written last (its presence means the
+    entry is complete)."""
+
+    def __init__(self, fingerprint: str, layout: RankLayout) -> None:
+        if not re.fullmatch(r"[0-9a-f]{16,64}", fingerprint):
+            raise ValueError(f"invalid fingerprint {fingerprint!r}")
+        self.fingerprint = fingerprint
+        self.layout = layout
+        self.prefix = check_key(f"{KEY_PREFIX}_{fingerprint}_{layout.tag}")
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.prefix}_manifest"
+
+    def tensor(self, index: int) -> str:
+        return check_key(f"{self.prefix}_t{index}")
+
+    def tensors(self, count: int) -> list[str]:
+        return [self.tensor(index) for index in range(count)]

@@ -1,0 +1,225 @@
+"""Our vLLM load format (``--load-format yrllm``): carry out a WeightPlan inside vLLM's worker.
+
+- seed: vLLM's default loader from disk, then publish every parameter of this rank to the data
+  system, manifest last. On the host tier the seed then maps its own parameters onto what it
+  published, so even the first replica shares the one copy.
+- map: every parameter becomes a view of the data system's shared memory. Nothing is copied; all
+  replicas on a host share the same physical pages. The views (and the client) live as long as the
+  model. The memory is writable in practice: nothing in inference writes weights in place.
+- pull: every parameter is filled from the data system by key. Host memory is allocated for all of
+  them at once with MAP_POPULATE, so the kernel maps the pages in bulk instead of taking one fault per
+  4 KiB page during the copy (the copy is otherwise fault-bound, REFERENCE.md).
+- Any failure of map or pull (missing key, timeout, size, dtype or checksum mismatch, worker gone)
+  loads from disk instead and says why in the LoadReport.
+
+It imports only the weight plane and vLLM: it runs inside vLLM's processes.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig
+from vllm.config.load import LoadConfig
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader import BaseModelLoader, DefaultModelLoader, register_model_loader
+
+from app.weights.host_tier import HostTier, TierError
+from app.weights.identity import RankLayout, WeightKeys
+from app.weights.load_report import LoadReport, PlanKind, WeightSource
+from app.weights.manifest import Manifest, TensorEntry, VerifyMode, full_digest, sampled_digest
+from app.weights.plan import LOAD_FORMAT, WeightPlan
+
+logger = init_logger("vllm.yrllm.loader")  # under "vllm." so lines look like vLLM's own
+_ALIGN = 64
+
+
+@register_model_loader(LOAD_FORMAT)
+class DataSystemLoader(BaseModelLoader):
+    def __init__(self, load_config: LoadConfig) -> None:
+        super().__init__(load_config)
+        self._plan = WeightPlan.model_validate(load_config.model_loader_extra_config or {})
+        self._disk = DefaultModelLoader(LoadConfig(load_format="auto", device=load_config.device))
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        self._disk.download_model(model_config)
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        plan = self._plan
+        layout = _current_layout()
+        keys = WeightKeys(plan.fingerprint, layout)
+        params = _tensors(model)
+        nbytes = sum(p.numel() * p.element_size() for _, p in params)
+        started = time.perf_counter()
+        source, fallback, publish_s = WeightSource.DISK, None, None
+        try:
+            if plan.kind in (PlanKind.MAP, PlanKind.PULL):
+                tier = _host_tier(plan)
+                views = _fetch(tier, keys, layout, params, model_config, plan.verify)
+                if plan.kind is PlanKind.MAP and _on_cpu(params):
+                    _map(model, params, views)
+                else:
+                    _pull(model, params, views)
+                source = WeightSource.HOST
+        except (TierError, ValueError) as exc:
+            fallback = f"{plan.kind.value} from the {plan.tier} tier failed: {exc}"
+            logger.warning("%s; loading from disk instead", fallback)
+        if source is WeightSource.DISK:
+            self._disk.load_weights(model, model_config)
+        seconds = time.perf_counter() - started
+        if plan.kind is PlanKind.SEED and fallback is None:
+            publish_started = time.perf_counter()
+            try:
+                _publish(_host_tier(plan), keys, layout, params, model_config)
+                if _on_cpu(params):
+                    _map(model, params, _host_tier(plan).get(keys.tensors(len(params))))
+            except (TierError, ValueError) as exc:
+                fallback = f"publishing to the {plan.tier} tier failed: {exc}"
+                logger.warning("%s; this replica serves, but the next one will load from disk", fallback)
+            publish_s = time.perf_counter() - publish_started
+        report = LoadReport(replica_id=plan.replica_id, plan=plan.kind, source=source,
+                            parameters=len(params), bytes=nbytes, seconds=round(seconds, 4),
+                            publish_seconds=None if publish_s is None else round(publish_s, 4),
+                            fallback_reason=fallback, finished_at=time.time())
+        logger.info("yrllm weights: %s", report.summary())
+        _write_report(plan.report_path, report)
+
+
+def _current_layout() -> RankLayout:
+    from vllm.distributed import get_ep_group, get_pp_group, get_tp_group
+
+    def rank_size(group_getter) -> tuple[int, int]:
+        try:
+            group = group_getter()
+            return group.rank_in_group, group.world_size
+        except (AssertionError, AttributeError):  # group not initialised: not parallel in that sense
+            return 0, 1
+
+    (tp, tp_n), (pp, pp_n), (ep, ep_n) = rank_size(get_tp_group), rank_size(get_pp_group), rank_size(get_ep_group)
+    return RankLayout(tp_rank=tp, tp_size=tp_n, pp_rank=pp, pp_size=pp_n, ep_rank=ep, ep_size=ep_n)
+
+
+def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    # Tied weights appear once (named_parameters drops duplicates): one key per storage.
+    return [(name, param) for name, param in model.named_parameters() if param.numel() > 0]
+
+
+def _on_cpu(params: list[tuple[str, torch.Tensor]]) -> bool:
+    return all(p.device.type == "cpu" for _, p in params)
+
+
+def _describe(params: list[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple[int, ...], str, int]]:
+    return [(name, tuple(p.shape), str(p.dtype), p.numel() * p.element_size()) for name, p in params]
+
+
+_TIERS: dict[str, HostTier] = {}  # one client per process, alive as long as mapped weights are
+
+
+def _host_tier(plan: WeightPlan) -> HostTier:
+    if plan.tier != "host":
+        raise TierError(f"tier {plan.tier!r} is not available in this engine")
+    if plan.ds_address not in _TIERS:
+        _TIERS[plan.ds_address] = HostTier(plan.ds_address, plan.timeout_ms)
+    return _TIERS[plan.ds_address]
+
+
+def _fetch(tier: HostTier, keys: WeightKeys, layout: RankLayout, params: list[tuple[str, torch.Tensor]],
+           model_config: ModelConfig, verify: VerifyMode) -> list[memoryview]:
+    """All of this rank's tensors as read-only views, after checking they are exactly ours."""
+    manifest = Manifest.model_validate_json(bytes(tier.get([keys.manifest])[0]))
+    import vllm
+
+    if manifest.fingerprint != keys.fingerprint or manifest.layout != layout:
+        raise ValueError("the cached entry belongs to another model or rank layout")
+    if manifest.vllm_version != vllm.__version__ or manifest.dtype != str(model_config.dtype):
+        raise ValueError(f"the cached entry was made by vLLM {manifest.vllm_version} as "
+                         f"{manifest.dtype}; this engine is vLLM {vllm.__version__} as {model_config.dtype}")
+    reason = manifest.mismatch(_describe(params))
+    if reason:
+        raise ValueError(f"the cached entry does not match this model: {reason}")
+    views = tier.get(keys.tensors(len(params)))
+    if verify is not VerifyMode.OFF:
+        for entry, view in zip(manifest.tensors, views):
+            entry.check(view, verify)
+    else:
+        for entry, view in zip(manifest.tensors, views):
+            if len(view) != entry.nbytes:
+                raise ValueError(f"{entry.name}: {len(view)} bytes cached, {entry.nbytes} expected")
+    return views
+
+
+def _as_tensor(view: memoryview, like: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():  # the views are read-only by contract; we never write them
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(view, dtype=torch.uint8).view(like.dtype).view(like.shape)
+
+
+def _map(model: nn.Module, params: list[tuple[str, torch.Tensor]], views: list[memoryview]) -> None:
+    for (_, param), view in zip(params, views):
+        param.data = _as_tensor(view, param)
+    model._yrllm_keepalive = views  # the memoryviews pin the shared memory the parameters now use
+
+
+def _pull(model: nn.Module, params: list[tuple[str, torch.Tensor]], views: list[memoryview]) -> None:
+    started, total, done = time.perf_counter(), len(params), 0
+    if _on_cpu(params):
+        _repoint_to_populated_memory(model, params)
+    for index, ((name, param), view) in enumerate(zip(params, views), start=1):
+        param.data.copy_(_as_tensor(view, param), non_blocking=param.device.type != "cpu")
+        done += len(view)
+        if index == total or index % max(1, total // 4) == 0:
+            logger.info("Pulling weights from the data system: %3d%% (%d/%d tensors, %.2f GB, %.2f s)",
+                        100 * index // total, index, total, done / 1e9, time.perf_counter() - started)
+    if not _on_cpu(params):
+        torch.accelerator.synchronize()
+
+
+def _repoint_to_populated_memory(model: nn.Module, params: list[tuple[str, torch.Tensor]]) -> None:
+    """Move every parameter into one anonymous mapping created with MAP_POPULATE, so the pages are
+    present before the copy starts."""
+    sizes = [(p.numel() * p.element_size() + _ALIGN - 1) // _ALIGN * _ALIGN for _, p in params]
+    region = mmap.mmap(-1, max(sum(sizes), 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    arena = torch.frombuffer(region, dtype=torch.uint8)
+    offset = 0
+    for (_, param), size in zip(params, sizes):
+        nbytes = param.numel() * param.element_size()
+        param.data = arena[offset:offset + nbytes].view(param.dtype).view(param.shape)
+        offset += size
+    model._yrllm_keepalive = region
+
+
+def _publish(tier: HostTier, keys: WeightKeys, layout: RankLayout, params: list[tuple[str, torch.Tensor]],
+             model_config: ModelConfig) -> None:
+    import vllm
+
+    started = time.perf_counter()
+    entries, items = [], []
+    for index, (name, param) in enumerate(params):
+        data = memoryview(param.data.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())
+        entries.append(TensorEntry(name=name, shape=tuple(param.shape), dtype=str(param.dtype),
+                                   nbytes=len(data), full=full_digest(data), sampled=sampled_digest(data)))
+        items.append((keys.tensor(index), data))
+    manifest = Manifest(fingerprint=keys.fingerprint, layout=layout, vllm_version=vllm.__version__,
+                        dtype=str(model_config.dtype), tensors=entries)
+    try:
+        tier.put(items)
+        tier.put([(keys.manifest, memoryview(manifest.model_dump_json().encode()))])  # last: complete
+    except TierError:
+        tier.delete([key for key, _ in items] + [keys.manifest])  # no half entry left behind
+        raise
+    logger.info("Published %d tensors (%.2f GB) to the data system in %.2f s", len(items),
+                manifest.total_bytes / 1e9, time.perf_counter() - started)
+
+
+def _write_report(path: Path, report: LoadReport) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_suffix(f".{os.getpid()}.tmp")
+    scratch.write_text(json.dumps(report.model_dump(mode="json")))
+    scratch.replace(path)

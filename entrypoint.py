@@ -1,0 +1,89 @@
+"""The driver: ``python entrypoint.py`` starts the App, serves until Ctrl-C or SIGTERM, then stops
+everything it started (engines, Router, data system worker).
+
+Flags override environment variables (``YRLLM_*``), which override ``--config FILE``, which overrides
+the defaults; see ``app/config.py`` for every field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from app.config import AppConfig, ConfigError
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, object]]:
+    parser = argparse.ArgumentParser(description="Elastic LLM serving on openYuanrong.")
+    parser.add_argument("--config", help="YAML config file (fields as in app/config.py).")
+    flags = {  # flag -> (config field, type, help)
+        "--model": ("model", str, "Local model directory. Default: a small demo model (random weights)."),
+        "--served-model-name": ("served_model_name", str, "Model name clients send."),
+        "--host": ("router.host", str, "Router bind address (default 127.0.0.1)."),
+        "--port": ("router.port", int, "Router port (default 9000; 0 picks a free one)."),
+        "--replicas": ("replicas", int, "Replicas to start (default 1)."),
+        "--dtype": ("engine.dtype", str, "auto, float32, bfloat16 or float16."),
+        "--max-model-len": ("engine.max_model_len", int, "Context length."),
+        "--kv-cache-gib": ("engine.kv_cache_gib", float, "CPU KV cache per engine, GiB."),
+        "--log-level": ("log_level", str, "DEBUG, INFO, WARNING or ERROR."),
+    }
+    for flag, (_, kind, help_text) in flags.items():
+        parser.add_argument(flag, type=kind, help=help_text)
+    args = parser.parse_args(argv)
+    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in flags.items()}
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = AppConfig.load(args.config, overrides=overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    from app import App
+
+    app = App(config)
+    try:
+        app.start()
+        print(_banner(app), flush=True)
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        print("\nshutting down...", flush=True)
+    finally:
+        app.shutdown()
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM takes the same path as Ctrl-C, so the App is always shut down.
+    raise KeyboardInterrupt
+
+
+def _banner(app: "App") -> str:  # noqa: F821 - imported lazily above
+    url, model = app.url, app.served_model_name
+    demo = "" if app.config.model else ("\n  NOTE: the demo model has RANDOM weights: the API is real, "
+                                        "the text is gibberish. Pass --model DIR for a real model.")
+    return f"""
+Serving '{model}' at {url} (OpenAI-compatible).{demo}
+
+  curl {url}/v1/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "{model}", "prompt": "def fib(n):", "max_tokens": 16}}'
+
+  python -c "import openai; c = openai.OpenAI(base_url='{url}/v1', api_key='none'); \\
+print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0].message.content)"
+
+  Scale out one replica:  curl -X POST {url}/scaleout
+  Status and metrics:     curl {url}/status ; curl {url}/metrics
+Press Ctrl-C to stop.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Shared fixtures: ONE real App (local runtime, data system worker, Router, one vLLM engine) for the
+whole session, and an OpenAI client pointed at it.
+
+The App is started lazily, by the first test that asks for it, and stopped at the end of the session.
+Its teardown is also a test of the App's promise to leave nothing behind: every process the App
+started (data system worker, engine servers and their EngineCore) must be gone after ``shutdown()``;
+a leftover shows up as an error in the pytest report.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+# Children that the App starts; anything else under the test process is none of the App's business.
+APP_PROCESS_MARKERS = ("datasystem_worker", "app.engine_main", "VLLM::EngineCore", "EngineCore")
+
+
+def test_cache_dir() -> Path:
+    """Where the demo model is built once and reused across test sessions."""
+    return Path(os.environ.get("YRLLM_TEST_CACHE", str(Path.home() / ".cache" / "yrllm-test")))
+
+
+test_cache_dir.__test__ = False  # a helper, not a test
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid} {proc.name()!r} {' '.join(proc.cmdline())[:200]!r}"
+    except psutil.Error:
+        return f"pid {proc.pid}"
+
+
+def is_app_process(proc: psutil.Process) -> bool:
+    try:
+        text = proc.name() + " " + " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+    return any(marker in text for marker in APP_PROCESS_MARKERS)
+
+
+def still_running(proc: psutil.Process) -> bool:
+    """True if this very process (pid *and* start time, so a reused pid does not count) is alive."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def leftovers(procs: list[psutil.Process], timeout_s: float = 10.0) -> list[psutil.Process]:
+    """The processes among ``procs`` still running after ``timeout_s`` (the kernel may take a moment
+    to reap a process killed through PR_SET_PDEATHSIG or reparented to init)."""
+    deadline = time.monotonic() + timeout_s
+    alive = [p for p in procs if still_running(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if still_running(p)]
+    return alive
+
+
+def app_descendants() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if is_app_process(p)]
+
+
+@pytest.fixture(scope="session")
+def app():
+    from app import App, AppConfig
+
+    config = AppConfig.load(env={}, overrides={
+        "router.port": 0,
+        "engine.dtype": "float32",
+        "engine.max_model_len": 512,
+        # 0.5 was meant; vLLM reads VLLM_CPU_KVCACHE_SPACE with int(), so a fractional GiB fails
+        # the engine's start ("invalid literal for int() with base 10: '0.5'"). See the report.
+        "engine.kv_cache_gib": 1,
+        "runtime.ds_shared_memory_mb": 1024,
+        "demo_cache_dir": str(test_cache_dir()),
+    })
+    application = App(config).start()
+    try:
+        status = application.status()
+        pids = {"ds_worker": status["ds_worker_pid"],
+                **{f"engine {r['replica_id']}": r["pid"] for r in status["replicas"]}}
+        assert all(pids.values()), f"the App reports no pid for some process: {pids}"
+        # Every process the App started, EngineCore included, with its start time (psutil.Process
+        # remembers it, so a pid reused by an unrelated process later is not mistaken for ours).
+        tracked = {pid: psutil.Process(pid) for pid in pids.values()}
+        for child in app_descendants():
+            tracked.setdefault(child.pid, child)
+        application.test_pids = pids  # for tests that want to look at them
+        application.test_processes = list(tracked.values())
+        yield application
+        # Processes started later (a test that scaled out) must be stopped too.
+        for child in app_descendants():
+            application.test_processes.append(child)
+    finally:
+        application.shutdown()
+    left = leftovers(application.test_processes)
+    left += [p for p in app_descendants() if p not in left]
+    assert not left, "processes left after App.shutdown():\n" + "\n".join(_describe(p) for p in left)
+
+
+@pytest.fixture(scope="session")
+def model_name(app) -> str:
+    return app.served_model_name
+
+
+@pytest.fixture
+def client(app):
+    import openai
+
+    with openai.OpenAI(base_url=app.url + "/v1", api_key="none", max_retries=0, timeout=120) as c:
+        yield c
