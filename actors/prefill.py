@@ -12,6 +12,7 @@ import yr
 from app.engine_host import EngineHost
 from app.engine_spec import EngineSpec
 from app.replica import ReplicaInfo, Role
+from app.weights.load_report import LoadReport
 
 
 @yr.instance
@@ -29,6 +30,9 @@ class Prefill:
 
     def check_health(self) -> None:
         self._host.check_health()
+
+    def load_report(self) -> LoadReport | None:
+        return self._host.load_report()
 
     def first_token(self) -> float:
         return self._host.first_token()

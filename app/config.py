@@ -75,6 +75,21 @@ class EngineConfig(_Section):
                                   "verbatim, for example ['--max-num-seqs', '8'].")
 
 
+class WeightsConfig(_Section):
+    """How replicas get their weights: the first from disk, the others from the data system."""
+
+    enabled: bool = Field(True, description="Use the WeightCache. Off: every replica loads from disk "
+                          "with vLLM's default loader.")
+    cpu_mode: Literal["map", "pull"] = Field("map", description="CPU replicas: 'map' makes parameters "
+                                             "views of the data system's shared memory (no copy, one "
+                                             "physical copy per host); 'pull' copies them.")
+    verify: Literal["off", "sampled", "full"] = Field("sampled", description="Checksums checked when a "
+                                                      "replica takes cached weights: 'sampled' reads 12 KiB "
+                                                      "of each tensor, 'full' every byte (about 1 s/GB).")
+    timeout_ms: int = Field(5000, gt=0, description="Data system request timeout; a stopped worker "
+                            "fails a load in this long, and the replica loads from disk.")
+
+
 class RuntimeMode(str, Enum):
     """Where the actors and the data system come from."""
 
@@ -126,10 +141,11 @@ class AppConfig(_Section):
                                           "the model directory's name.")
     replicas: int = Field(1, ge=0, le=64, description="Replicas started by App.start().")
     demo_cache_dir: Path = Field(Path.home() / ".cache" / "yrllm", description="Where the demo model "
-                                 "is built and cached.")
+                                 "is built and model content digests are cached.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     router: RouterConfig = Field(default_factory=RouterConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @field_validator("model")

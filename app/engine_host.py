@@ -23,6 +23,7 @@ from pathlib import Path
 from app.engine_spec import EngineSpec
 from app.processes import ChildProcess, free_port
 from app.replica import ReplicaInfo, ReplicaState, Role
+from app.weights.load_report import LoadReport
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,13 @@ class EngineHost:
             if self._state is not ReplicaState.FAILED:
                 self._state = ReplicaState.STOPPED
         return self.info()
+
+    def load_report(self) -> LoadReport | None:
+        """How this engine's weights were loaded (None with vLLM's own load formats)."""
+        try:
+            return LoadReport.model_validate_json(self._spec.load_report_path.read_text())
+        except FileNotFoundError:
+            return None
 
     def first_token(self) -> float:
         """Send a one-token completion and return when its answer arrived (the 'first token' mark)."""

@@ -76,5 +76,10 @@ class EngineSpec(BaseModel):
         }
 
     @property
+    def load_report_path(self) -> Path:
+        """Where our load format writes this engine's LoadReport."""
+        return self.log_dir / f"load-{self.replica_id}.json"
+
+    @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"

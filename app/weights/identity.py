@@ -117,6 +117,11 @@ class WeightKeys:
     def manifest(self) -> str:
         return f"{self.prefix}_manifest"
 
+    @property
+    def abandoned(self) -> str:
+        """Set by the WeightCache when the seed failed, so replicas awaiting it stop waiting."""
+        return f"{self.prefix}_abandoned"
+
     def tensor(self, index: int) -> str:
         return check_key(f"{self.prefix}_t{index}")
 

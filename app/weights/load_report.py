@@ -33,6 +33,8 @@ class LoadReport(BaseModel):
     bytes: int = Field(0, description="Weight bytes filled.")
     seconds: float = Field(0.0, description="Time to fill every parameter (and publish, for a seed).")
     publish_seconds: float | None = Field(None, description="Seed only: time to publish.")
+    waited_seconds: float = Field(0.0, description="Time spent waiting for a seed still loading (its "
+                                  "engine started in parallel); not part of ``seconds``.")
     fallback_reason: str | None = Field(None, description="Why a fast path fell back to disk.")
     finished_at: float = Field(0.0, description="Wall-clock time the weights were in place.")
 
@@ -43,6 +45,8 @@ class LoadReport(BaseModel):
     def summary(self) -> str:
         text = (f"plan {self.plan.value}, from {self.source.value}: {self.parameters} params, "
                 f"{self.bytes / 1e6:.1f} MB in {self.seconds:.3f} s ({self.gbps:.2f} GB/s)")
+        if self.waited_seconds:
+            text += f", after waiting {self.waited_seconds:.2f} s for the seed"
         if self.publish_seconds is not None:
             text += f", published in {self.publish_seconds:.3f} s"
         if self.fallback_reason:

@@ -58,10 +58,12 @@ class DataSystemLoader(BaseModelLoader):
         params = _tensors(model)
         nbytes = sum(p.numel() * p.element_size() for _, p in params)
         started = time.perf_counter()
-        source, fallback, publish_s = WeightSource.DISK, None, None
+        source, fallback, publish_s, waited_s = WeightSource.DISK, plan.reason, None, 0.0
         try:
             if plan.kind in (PlanKind.MAP, PlanKind.PULL):
                 tier = _host_tier(plan)
+                if plan.await_seed_s:
+                    waited_s = _await_seed(tier, keys, plan.await_seed_s)
                 views = _fetch(tier, keys, layout, params, model_config, plan.verify)
                 if plan.kind is PlanKind.MAP and _on_cpu(params):
                     _map(model, params, views)
@@ -73,7 +75,7 @@ class DataSystemLoader(BaseModelLoader):
             logger.warning("%s; loading from disk instead", fallback)
         if source is WeightSource.DISK:
             self._disk.load_weights(model, model_config)
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started - waited_s
         if plan.kind is PlanKind.SEED and fallback is None:
             publish_started = time.perf_counter()
             try:
@@ -87,9 +89,26 @@ class DataSystemLoader(BaseModelLoader):
         report = LoadReport(replica_id=plan.replica_id, plan=plan.kind, source=source,
                             parameters=len(params), bytes=nbytes, seconds=round(seconds, 4),
                             publish_seconds=None if publish_s is None else round(publish_s, 4),
+                            waited_seconds=round(waited_s, 4),
                             fallback_reason=fallback, finished_at=time.time())
         logger.info("yrllm weights: %s", report.summary())
         _write_report(plan.report_path, report)
+
+
+def _await_seed(tier: HostTier, keys: WeightKeys, timeout_s: float) -> float:
+    """Wait for the seed's manifest; returns the seconds waited."""
+    started = time.perf_counter()
+    logger.info("Waiting for the seed replica to publish %s", keys.prefix)
+    while time.perf_counter() - started < timeout_s:
+        complete, abandoned = tier.exists([keys.manifest, keys.abandoned])
+        if abandoned:
+            raise TierError("the seed replica failed before publishing")
+        if complete:
+            waited = time.perf_counter() - started
+            logger.info("The seed published after %.2f s of waiting", waited)
+            return waited
+        time.sleep(0.05)
+    raise TierError(f"the seed replica did not publish within {timeout_s:.0f} s")
 
 
 def _current_layout() -> RankLayout:

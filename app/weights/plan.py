@@ -23,4 +23,7 @@ class WeightPlan(BaseModel):
     ds_address: str
     verify: VerifyMode = VerifyMode.SAMPLED
     timeout_ms: int = Field(5000, gt=0)
+    await_seed_s: float = Field(0.0, ge=0, description="map/pull planned while the seed is still "
+                                "loading: wait this long for its manifest to appear.")
+    reason: str | None = Field(None, description="disk plans: why the cache is not used (reported).")
     report_path: Path = Field(description="Where the loader writes its LoadReport (JSON).")

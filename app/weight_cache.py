@@ -1,0 +1,183 @@
+"""The WeightCache: who holds which weights where, and how a new replica should get them.
+
+One entry per weight identity (fingerprint). ``plan`` is single-flight: the first replica of an
+identity nobody holds becomes the *seed* (loads from disk, publishes); every replica planned while
+that seed is loading is told to await it (its engine starts in parallel and its loader waits for the
+seed's manifest), then maps or pulls. Exactly one cold load per identity, and the followers' process
+start-up overlaps the seed's load instead of queueing behind it.
+
+The cache owns the entries, not the engines: host-tier objects in the data system outlive the engine
+that published them, so the seed replica can be scaled in and the cache stays. Entries are freed on
+``retire`` and ``clear`` (App shutdown).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from app.weights.host_tier import HostTier, TierError
+from app.weights.identity import RankLayout, WeightIdentity, WeightKeys
+from app.weights.load_report import LoadReport, PlanKind, WeightSource
+from app.weights.manifest import Manifest, VerifyMode
+from app.weights.plan import WeightPlan
+
+logger = logging.getLogger(__name__)
+
+
+class EntryState(str, Enum):
+    SEEDING = "seeding"  # a seed replica is loading from disk and will publish
+    READY = "ready"  # complete in the data system; replicas map or pull it
+
+
+@dataclass
+class CacheEntry:
+    identity: WeightIdentity
+    state: EntryState
+    seed_replica: str
+    readers: set[str] = field(default_factory=set)
+    bytes: int = 0
+
+
+class CacheStats(BaseModel):
+    hits: int = 0  # replicas planned to map/pull
+    misses: int = 0  # replicas planned to seed (cold loads)
+    fallbacks: int = 0  # replicas that were planned to map/pull but loaded from disk
+    bytes_served: int = 0  # weight bytes replicas took from the data system
+
+
+class WeightCache:
+    """Thread-safe; one instance behind the WeightCache actor."""
+
+    def __init__(self, ds_address: str, *, cpu_mode: PlanKind = PlanKind.MAP,
+                 verify: VerifyMode = VerifyMode.SAMPLED, timeout_ms: int = 5000,
+                 await_seed_s: float = 600.0) -> None:
+        if cpu_mode not in (PlanKind.MAP, PlanKind.PULL):
+            raise ValueError(f"cpu_mode must be map or pull, got {cpu_mode}")
+        self._ds_address = ds_address
+        self._cpu_mode = cpu_mode
+        self._verify = verify
+        self._timeout_ms = timeout_ms
+        self._await_seed_s = await_seed_s
+        self._entries: dict[str, CacheEntry] = {}
+        self._planned: dict[str, str] = {}  # replica id -> fingerprint
+        self._stats = CacheStats()
+        self._lock = threading.Lock()
+        self._tier: HostTier | None = None
+
+    def plan(self, identity: WeightIdentity, replica_id: str, report_path: Path) -> WeightPlan:
+        fingerprint = identity.fingerprint
+        with self._lock:
+            entry = self._entries.get(fingerprint)
+            if entry is None:
+                self._entries[fingerprint] = CacheEntry(identity, EntryState.SEEDING, replica_id)
+                self._stats.misses += 1
+                kind, await_s = PlanKind.SEED, 0.0
+            else:
+                self._stats.hits += 1
+                entry.readers.add(replica_id)
+                kind = self._cpu_mode
+                await_s = self._await_seed_s if entry.state is EntryState.SEEDING else 0.0
+            self._planned[replica_id] = fingerprint
+        logger.info("weight plan for %s: %s%s", replica_id, kind.value, " (awaiting the seed)" if await_s else "")
+        return WeightPlan(kind=kind, replica_id=replica_id, fingerprint=fingerprint,
+                          ds_address=self._ds_address, verify=self._verify, timeout_ms=self._timeout_ms,
+                          await_seed_s=await_s, report_path=report_path)
+
+    def report(self, report: LoadReport) -> None:
+        """Record how a planned replica's load went."""
+        with self._lock:
+            fingerprint = self._planned.get(report.replica_id)
+            entry = self._entries.get(fingerprint) if fingerprint else None
+            if entry is None:
+                return
+            if report.plan is PlanKind.SEED:
+                if report.fallback_reason is None:
+                    entry.state, entry.bytes = EntryState.READY, report.bytes
+                    entry.readers.add(report.replica_id)
+                else:
+                    self._abandon_locked(fingerprint, entry)
+            elif report.source is WeightSource.HOST:
+                self._stats.bytes_served += report.bytes
+            else:
+                self._stats.fallbacks += 1
+
+    def abandon(self, replica_id: str) -> None:
+        """A planned replica never reported (its engine failed). If it was the seed, the entry goes,
+        and replicas awaiting it are told (they load from disk); the next plan seeds again."""
+        with self._lock:
+            fingerprint = self._planned.pop(replica_id, None)
+            entry = self._entries.get(fingerprint) if fingerprint else None
+            if entry is not None and entry.state is EntryState.SEEDING and entry.seed_replica == replica_id:
+                self._abandon_locked(fingerprint, entry)
+            elif entry is not None:
+                entry.readers.discard(replica_id)
+
+    def release(self, replica_id: str) -> None:
+        """A replica stopped; the entry stays (the cache, not the replica, owns it)."""
+        with self._lock:
+            fingerprint = self._planned.pop(replica_id, None)
+            if fingerprint in self._entries:
+                self._entries[fingerprint].readers.discard(replica_id)
+
+    def retire(self, fingerprint: str) -> bool:
+        """Free an entry and its data system objects. Replicas that mapped it keep their pages (the
+        data system does not pull memory from under a reader)."""
+        with self._lock:
+            entry = self._entries.pop(fingerprint, None)
+        if entry is None:
+            return False
+        self._delete_objects(entry)
+        return True
+
+    def clear(self) -> None:
+        for fingerprint in list(self._entries):
+            self.retire(fingerprint)
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            return {**self._stats.model_dump(), "entries": [
+                {"fingerprint": fp, "state": e.state.value, "seed_replica": e.seed_replica,
+                 "readers": sorted(e.readers), "bytes": e.bytes} for fp, e in self._entries.items()]}
+
+    # ---- data system housekeeping --------------------------------------------------------------------
+
+    def _abandon_locked(self, fingerprint: str, entry: CacheEntry) -> None:
+        del self._entries[fingerprint]
+        for layout in _layouts(entry.identity):
+            try:
+                self._host().put([(WeightKeys(fingerprint, layout).abandoned, memoryview(b"1"))])
+            except TierError as exc:
+                logger.warning("could not mark the failed seed of %s: %s", fingerprint, exc)
+        self._delete_objects(entry, keep_tombstones=True)
+
+    def _delete_objects(self, entry: CacheEntry, keep_tombstones: bool = False) -> None:
+        fingerprint = entry.identity.fingerprint
+        for layout in _layouts(entry.identity):
+            keys = WeightKeys(fingerprint, layout)
+            try:
+                manifest = Manifest.model_validate_json(bytes(self._host().get([keys.manifest])[0]))
+                doomed = keys.tensors(len(manifest.tensors)) + [keys.manifest]
+            except (TierError, ValueError):
+                doomed = [keys.manifest]  # no complete entry: nothing else is findable
+            if not keep_tombstones:
+                doomed.append(keys.abandoned)
+            try:
+                self._host().delete(doomed)
+            except TierError as exc:
+                logger.warning("could not free %s: %s", keys.prefix, exc)
+
+    def _host(self) -> HostTier:
+        if self._tier is None:
+            self._tier = HostTier(self._ds_address, self._timeout_ms)
+        return self._tier
+
+
+def _layouts(identity: WeightIdentity) -> list[RankLayout]:
+    return [RankLayout(tp_rank=tp, tp_size=identity.tp_size, pp_rank=pp, pp_size=identity.pp_size)
+            for pp in range(identity.pp_size) for tp in range(identity.tp_size)]
