@@ -62,8 +62,9 @@ class EngineConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight and activation dtype. float32 is fastest on CPUs without AVX-512 BF16.")
     max_model_len: int | None = Field(None, gt=0, description="Context length; the model's own if unset.")
-    kv_cache_gib: float = Field(1.0, gt=0, description="CPU KV cache per engine in GiB "
-                                "(VLLM_CPU_KVCACHE_SPACE). Unset, vLLM would take most of the RAM.")
+    kv_cache_gib: int = Field(1, ge=1, description="CPU KV cache per engine in whole GiB "
+                              "(VLLM_CPU_KVCACHE_SPACE, which vLLM reads as an integer). Unset, vLLM "
+                              "would take most of the RAM.")
     threads: int = Field(0, ge=0, description="Torch/OpenMP threads per engine; 0 means all cores.")
     enforce_eager: bool = Field(True, description="Skip graph compilation: faster start-up, the point of "
                                 "elastic replicas.")

@@ -23,7 +23,7 @@ class EngineSpec(BaseModel):
     port: int
     dtype: str
     max_model_len: int | None
-    kv_cache_gib: float
+    kv_cache_gib: int
     threads: int
     enforce_eager: bool
     extra_args: list[str] = Field(default_factory=list)
@@ -61,7 +61,7 @@ class EngineSpec(BaseModel):
     def environment(self, cpu_count: int) -> dict[str, str]:
         threads = self.threads or cpu_count
         return {
-            "VLLM_CPU_KVCACHE_SPACE": f"{self.kv_cache_gib:g}",
+            "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
             "OMP_NUM_THREADS": str(threads),
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
             # Engines share cores with each other and the driver: pinning threads would stack them.
