@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make serve   - run the App on the embedded default (local mode, own data system worker, demo model)
 #   make test    - run the test suite
+#   make bench   - the scale-out benchmark (ARGS=--quick for the small shapes); writes BENCHMARKS.md
 # Both create .venv and install the pinned stack on first use (and again when a requirements file or
 # pyproject.toml changes).
 
@@ -8,13 +9,17 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test clean
+.PHONY: serve test bench clean
 
 serve: $(STAMP)
 	$(VENV)/bin/python entrypoint.py $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/pip install -q -r requirements-bench.txt
+	$(VENV)/bin/python -m bench.run $(ARGS)
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
