@@ -2,6 +2,10 @@
 
 Each child runs in its own process group (so its own children, such as vLLM's EngineCore, are stopped
 with it) and gets PR_SET_PDEATHSIG, so the kernel kills it even if the driver is SIGKILLed.
+
+PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. Children are
+therefore always forked from one launcher thread that lives as long as the process, whichever thread
+asks for them (yr actor threads, a notebook's worker thread).
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import os
 import signal
 import socket
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_LAUNCHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="child-launcher")
 
 
 def _die_with_parent() -> None:
@@ -49,9 +55,10 @@ class ChildProcess:
         self.log_file = log_file
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "ab") as log:
-            self._popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
-                                           stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                           cwd=cwd, start_new_session=True, preexec_fn=_die_with_parent)
+            self._popen = _LAUNCHER.submit(
+                subprocess.Popen, list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+                preexec_fn=_die_with_parent).result()
         logger.info("started %s (pid %d), log %s", name, self._popen.pid, log_file)
 
     @property

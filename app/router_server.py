@@ -34,6 +34,9 @@ from app.router_metrics import RouterMetrics
 logger = logging.getLogger(__name__)
 
 REQUEST_ID = "X-Request-Id"
+#: Recorded for requests whose client went away before the answer was complete (nginx's convention).
+CLIENT_CLOSED = 499
+_REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id", str)
 
 
 class ScaleRequest(BaseModel):
@@ -78,8 +81,6 @@ class ScaleMailbox:
         if waiting is not None:
             loop, future = waiting
             loop.call_soon_threadsafe(lambda: future.done() or future.set_result((status, body)))
-
-_SERVER: web.AppKey["RouterServer"] = web.AppKey("router", object)  # type: ignore[arg-type]
 
 
 class RouterServer:
@@ -131,7 +132,6 @@ class RouterServer:
 
     async def start(self) -> int:
         app = web.Application(middlewares=[self._errors_and_metrics], client_max_size=64 * 1024 * 1024)
-        app[_SERVER] = self
         app.add_routes([
             web.get("/health", self._health),
             web.get("/ready", self._ready),
@@ -215,6 +215,7 @@ class RouterServer:
     async def _errors_and_metrics(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
         started = time.perf_counter()
+        request[_REQUEST_ID_KEY] = request.headers.get(REQUEST_ID) or f"req-{uuid.uuid4().hex}"
         status = 500
         try:
             response = await handler(request)
@@ -222,9 +223,13 @@ class RouterServer:
             return response
         except ApiError as error:
             status = error.status
-            return web.json_response(error.body(), status=error.status, headers=error.headers())
+            return web.json_response(error.body(), status=error.status,
+                                     headers={**error.headers(), REQUEST_ID: request[_REQUEST_ID_KEY]})
         except web.HTTPException as exc:
             status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED  # the client left; not a server error
             raise
         finally:
             self._metrics.requests.labels(route, str(status)).inc()
@@ -254,7 +259,7 @@ class RouterServer:
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
         route = Route(request.path)
         proxied = parse_request(route, await request.read(), set(self._models))
-        request_id = request.headers.get(REQUEST_ID) or f"req-{uuid.uuid4().hex}"
+        request_id = request[_REQUEST_ID_KEY]
         replica = self._policy.select(self._ready_ids(), dict(self._in_flight))
         if replica is None:
             raise no_replica_ready()
@@ -324,8 +329,9 @@ class RouterServer:
     def _may_scale(self, request: web.Request) -> bool:
         token = self._config.admin_token
         if token is not None:
-            presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            return secrets.compare_digest(presented.encode(), token.get_secret_value().encode())
+            scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+            return scheme.lower() == "bearer" and secrets.compare_digest(
+                presented.strip().encode(), token.get_secret_value().encode())
         try:
             return ipaddress.ip_address(request.remote or "").is_loopback
         except ValueError:

@@ -10,6 +10,7 @@ a leftover shows up as an error in the pytest report.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -67,15 +68,26 @@ def app_descendants() -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="session")
-def app():
+def model_dir(tmp_path_factory) -> Path:
+    """A private copy of the demo model: tests may hide its weight files to prove that a replica
+    read none of them."""
+    from app.demo_model import demo_model_dir
+
+    copy = tmp_path_factory.mktemp("model") / "demo"
+    shutil.copytree(demo_model_dir(test_cache_dir()), copy)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def app(model_dir):
     from app import App, AppConfig
 
     config = AppConfig.load(env={}, overrides={
+        "model": str(model_dir),
         "router.port": 0,
         "engine.dtype": "float32",
         "engine.max_model_len": 512,
-        # 0.5 was meant; vLLM reads VLLM_CPU_KVCACHE_SPACE with int(), so a fractional GiB fails
-        # the engine's start ("invalid literal for int() with base 10: '0.5'"). See the report.
+        # The smallest there is: vLLM reads VLLM_CPU_KVCACHE_SPACE as whole GiB.
         "engine.kv_cache_gib": 1,
         "runtime.ds_shared_memory_mb": 1024,
         "demo_cache_dir": str(test_cache_dir()),

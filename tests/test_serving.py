@@ -289,7 +289,7 @@ def test_client_disconnect_cancels_the_upstream_request(app, model_name):
         time.sleep(0.05)
     # The engine aborted the request rather than generating all its tokens for nobody.
     generated = metric_value(engine_metrics(), "vllm:generation_tokens_total") - generated_before
-    assert 2 <= generated < max_tokens, f"the engine generated {generated:.0f} of {max_tokens} tokens"
+    assert generated < max_tokens, f"the engine generated all {max_tokens} tokens for nobody"
 
 
 # ---- a bare Router: the answers a healthy App never gives -------------------------------------------
@@ -368,7 +368,8 @@ def test_scaleout_from_loopback_needs_no_token(bare_router):
 
 def test_scaling_with_an_admin_token_needs_the_token(bare_router):
     server, url = bare_router(RouterConfig(port=0, admin_token="s3cret"))
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cretX"}):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cretX"},
+                    {"Authorization": "s3cret"}):
         status, _, raw = call(url, "POST", "/scaleout", {"replicas": 2}, headers=headers)
         assert status == 401, headers
         assert_envelope(raw, code="unauthorized", type_="authentication_error")
@@ -379,3 +380,63 @@ def test_scaling_with_an_admin_token_needs_the_token(bare_router):
                           headers={"Authorization": "Bearer s3cret"})
     thread.join(5)
     assert status == 200 and json.loads(raw) == {"ok": True} and taken[0].verb == "scaleout"
+
+
+# ---- Router edge cases: client disconnects in metrics, request ids on Router errors ----------------
+
+@pytest.fixture
+def slow_upstream():
+    """A fake replica whose streams last 10 s: one event every 0.1 s."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(100):
+            await response.write(b'data: {"choices": []}\n\n')
+            await asyncio.sleep(0.1)
+        return response
+
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(web.Application())
+    runner.app.add_routes([web.post("/v1/chat/completions", stream)])
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.run_until_complete(runner.cleanup())
+    loop.close()
+
+
+def test_a_client_disconnect_is_not_counted_as_a_server_error(bare_router, slow_upstream):
+    server, url = bare_router()
+    server.update_replicas([ReplicaInfo(replica_id="x", state=ReplicaState.READY, url=slow_upstream)])
+    parts = urlsplit(url)
+    body = json.dumps(chat_body("demo", stream=True)).encode()
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: router\r\n"
+                     b"Content-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    deadline = time.monotonic() + 5
+    while server.snapshot()["replicas"][0]["in_flight"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    text = call(url, "GET", "/metrics")[2].decode()
+    assert metric_value(text, "yrllm_router_requests_total", route="/v1/chat/completions",
+                        status="500") is None, "a 200 stream the client left is counted as a 500"
+
+
+def test_router_errors_carry_the_request_id(bare_router):
+    _, url = bare_router()
+    status, headers, _ = call(url, "POST", "/v1/chat/completions", chat_body("no-such-model"),
+                              headers={"X-Request-Id": "r-404"})
+    assert status == 404
+    assert headers.get("X-Request-Id") == "r-404"
