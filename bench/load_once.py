@@ -34,7 +34,7 @@ def main(args: dict) -> dict:
     started = time.perf_counter()
     llm = vllm.LLM(model=args["model"], dtype=args["dtype"], max_model_len=256, enforce_eager=True,
                    load_format=args["load_format"],
-                   model_loader_extra_config=args.get("extra"),
+                   model_loader_extra_config=args.get("extra") or {},
                    distributed_executor_backend="uni")
     engine_s = time.perf_counter() - started
     out = llm.generate(["def f(x):"], vllm.SamplingParams(max_tokens=8, temperature=0))

@@ -108,7 +108,7 @@ def loaders(shape: DemoShape, cache: Path, ds_address: str, scratch: Path) -> di
     for peer in PEERS:
         warm(model)
         log(f"{shape.value}: {peer} (warm)")
-        rows[f"vllm {peer} (warm)"] = load_once(model, peer, extra={})
+        rows[f"vllm {peer} (warm)"] = load_once(model, peer)
     warm(model)
     log(f"{shape.value}: ours, seed (disk + publish)")
     rows["ours: seed (disk, then publish)"] = ours(model, PlanKind.SEED, fingerprint, ds_address, scratch)

@@ -35,6 +35,7 @@ from app.weights.host_tier import HostTier, TierError
 from app.weights.identity import RankLayout, WeightKeys
 from app.weights.load_report import LoadReport, PlanKind, WeightSource
 from app.weights.manifest import Manifest, TensorEntry, VerifyMode, full_digest, sampled_digest
+from app.weights.npu_tier import NpuTier
 from app.weights.plan import LOAD_FORMAT, WeightPlan
 
 logger = init_logger("vllm.yrllm.loader")  # under "vllm." so lines look like vLLM's own
@@ -70,12 +71,20 @@ class DataSystemLoader(BaseModelLoader):
                 tier = _host_tier(plan)
                 if plan.await_seed_s:
                     waited_s = _await_seed(tier, keys, plan.await_seed_s)
-                views = _fetch(tier, keys, layout, params, model_config, plan.verify)
-                if plan.kind is PlanKind.MAP and _on_cpu(params):
-                    _map(model, params, views)
+                if plan.tier == NpuTier.name:
+                    # Device to device: checksums would need a copy to the host, so only the manifest
+                    # (names, shapes, dtypes, sizes) is checked on this tier.
+                    _checked_manifest(tier, keys, layout, params, model_config)
+                    _npu_tier(plan).pull(keys.tensors(len(params)), [p.data for _, p in params],
+                                         plan.timeout_ms)
+                    source = WeightSource.NPU
                 else:
-                    _pull(model, params, views)
-                source = WeightSource.HOST
+                    views = _fetch(tier, keys, layout, params, model_config, plan.verify)
+                    if plan.kind is PlanKind.MAP and _on_cpu(params):
+                        _map(model, params, views)
+                    else:
+                        _pull(model, params, views)
+                    source = WeightSource.HOST
         except (TierError, ValueError) as exc:
             fallback = f"{plan.kind.value} from the {plan.tier} tier failed: {exc}"
             logger.warning("%s; loading from disk instead", fallback)
@@ -85,8 +94,9 @@ class DataSystemLoader(BaseModelLoader):
         if plan.kind is PlanKind.SEED and fallback is None:
             publish_started = time.perf_counter()
             try:
-                _publish(_host_tier(plan), keys, layout, params, model_config)
-                if _on_cpu(params):
+                npu = _npu_tier(plan) if plan.tier == NpuTier.name else None
+                _publish(_host_tier(plan), keys, layout, params, model_config, npu)
+                if npu is None and _on_cpu(params):
                     _map(model, params, _host_tier(plan).get(keys.tensors(len(params))))
             except (TierError, ValueError) as exc:
                 fallback = f"publishing to the {plan.tier} tier failed: {exc}"
@@ -148,19 +158,26 @@ _TIERS: dict[str, HostTier] = {}  # one client per process, alive as long as map
 
 
 def _host_tier(plan: WeightPlan) -> HostTier:
-    if plan.tier != "host":
-        raise TierError(f"tier {plan.tier!r} is not available in this engine")
+    """The host tier also carries the manifests of the npu tier."""
     if plan.ds_address not in _TIERS:
         _TIERS[plan.ds_address] = HostTier(plan.ds_address, plan.timeout_ms)
     return _TIERS[plan.ds_address]
 
 
-def _fetch(tier: HostTier, keys: WeightKeys, layout: RankLayout, params: list[tuple[str, torch.Tensor]],
-           model_config: ModelConfig, verify: VerifyMode) -> list[memoryview]:
-    """All of this rank's tensors as read-only views, after checking they are exactly ours."""
-    manifest = Manifest.model_validate_json(bytes(tier.get([keys.manifest])[0]))
+def _npu_tier(plan: WeightPlan) -> NpuTier:
+    try:
+        import torch_npu  # noqa: F401 - registers the "npu" device with torch
+    except ImportError:
+        raise TierError("the npu tier needs torch_npu (Ascend)") from None
+    return NpuTier(plan.ds_address, torch.npu.current_device())
+
+
+def _checked_manifest(tier: HostTier, keys: WeightKeys, layout: RankLayout,
+                      params: list[tuple[str, torch.Tensor]], model_config: ModelConfig) -> Manifest:
+    """This rank's manifest, if it describes exactly this engine's model; ValueError otherwise."""
     import vllm
 
+    manifest = Manifest.model_validate_json(bytes(tier.get([keys.manifest])[0]))
     if manifest.fingerprint != keys.fingerprint or manifest.layout != layout:
         raise ValueError("the cached entry belongs to another model or rank layout")
     if manifest.vllm_version != vllm.__version__ or manifest.dtype != str(model_config.dtype):
@@ -169,14 +186,16 @@ def _fetch(tier: HostTier, keys: WeightKeys, layout: RankLayout, params: list[tu
     reason = manifest.mismatch(_describe(params))
     if reason:
         raise ValueError(f"the cached entry does not match this model: {reason}")
+    return manifest
+
+
+def _fetch(tier: HostTier, keys: WeightKeys, layout: RankLayout, params: list[tuple[str, torch.Tensor]],
+           model_config: ModelConfig, verify: VerifyMode) -> list[memoryview]:
+    """All of this rank's tensors as read-only views, after checking they are exactly ours."""
+    manifest = _checked_manifest(tier, keys, layout, params, model_config)
     views = tier.get(keys.tensors(len(params)))
-    if verify is not VerifyMode.OFF:
-        for entry, view in zip(manifest.tensors, views):
-            entry.check(view, verify)
-    else:
-        for entry, view in zip(manifest.tensors, views):
-            if len(view) != entry.nbytes:
-                raise ValueError(f"{entry.name}: {len(view)} bytes cached, {entry.nbytes} expected")
+    for entry, view in zip(manifest.tensors, views):
+        entry.check(view, verify)
     return views
 
 
@@ -245,7 +264,10 @@ def _repoint_to_populated_memory(model: nn.Module, params: list[tuple[str, torch
 
 
 def _publish(tier: HostTier, keys: WeightKeys, layout: RankLayout, params: list[tuple[str, torch.Tensor]],
-             model_config: ModelConfig) -> None:
+             model_config: ModelConfig, npu: NpuTier | None = None) -> None:
+    """Publish this rank's tensors (to ``npu`` if given, the host tier otherwise) and the manifest,
+    last, on the host tier. With ``npu`` the engine's own device tensors are the published objects:
+    they live as long as the engine."""
     import vllm
 
     started = time.perf_counter()
@@ -258,10 +280,15 @@ def _publish(tier: HostTier, keys: WeightKeys, layout: RankLayout, params: list[
     manifest = Manifest(fingerprint=keys.fingerprint, layout=layout, vllm_version=vllm.__version__,
                         dtype=str(model_config.dtype), tensors=entries)
     try:
-        tier.put(items)
+        if npu is None:
+            tier.put(items)
+        else:
+            npu.publish([key for key, _ in items], [param.data for _, param in params])
         tier.put([(keys.manifest, memoryview(manifest.model_dump_json().encode()))])  # last: complete
     except TierError:
-        tier.delete([key for key, _ in items] + [keys.manifest])  # no half entry left behind
+        # No half entry left behind.
+        (tier if npu is None else npu).delete([key for key, _ in items])
+        tier.delete([keys.manifest])
         raise
     logger.info("Published %d tensors (%.2f GB) to the data system in %.2f s", len(items),
                 manifest.total_bytes / 1e9, time.perf_counter() - started)
