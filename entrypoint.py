@@ -31,8 +31,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, object]]:
     }
     for flag, (_, kind, help_text) in flags.items():
         parser.add_argument(flag, type=kind, help=help_text)
+    parser.add_argument("--autoscale", action="store_const", const=True,
+                        help="Follow the traffic between autoscale.min_replicas and autoscale.max_replicas.")
     args = parser.parse_args(argv)
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in flags.items()}
+    overrides["autoscale.enabled"] = args.autoscale
     return args, overrides
 
 

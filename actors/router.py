@@ -28,6 +28,12 @@ class Router:
     def drain(self, replica_id: str, timeout_s: float) -> bool:
         return self._server.drain(replica_id, timeout_s)
 
+    def signals(self) -> dict[str, Any]:
+        return self._server.signals()
+
+    def record_decision(self, decision: dict[str, Any]) -> None:
+        self._server.record_decision(decision)
+
     def status(self) -> dict[str, Any]:
         return self._server.snapshot()
 

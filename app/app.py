@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.autoscale_policy import AutoscalePolicy, Signals
 from app.config import AppConfig
 from app.engine_spec import EngineSpec
 from app.replica import ReplicaInfo, ReplicaState
@@ -57,6 +58,7 @@ class App:
         self._scaling = threading.Lock()  # one scaling decision at a time
         self._stopping = threading.Event()
         self._control: threading.Thread | None = None
+        self._autoscaler: threading.Thread | None = None
         self._log_dir = Path(tempfile.mkdtemp(prefix="yrllm-logs-"))
         self.model_dir: Path | None = None
         self.served_model_name: str | None = None
@@ -92,6 +94,9 @@ class App:
         report = self.scale(self.config.replicas)
         if not report.ok:
             raise RuntimeError(f"the App could not start its replicas:\n{report}")
+        if self.config.autoscale.enabled:
+            self._autoscaler = threading.Thread(target=self._autoscale, name="app-autoscaler", daemon=True)
+            self._autoscaler.start()
 
     def _start_weight_cache(self) -> None:
         import yr
@@ -103,7 +108,7 @@ class App:
             content=content_digest(self.model_dir, self.config.demo_cache_dir / "digests.json"),
             dtype=self.config.engine.dtype, quantization=None, vllm_version=_vllm_version())
         self._weight_cache = WeightCache.options(yr.InvokeOptions(concurrency=16)).invoke(
-            self._runtime.ds_address, PlanKind(weights.cpu_mode), VerifyMode(weights.verify),
+            self._runtime.ds_address, weights.tier, PlanKind(weights.cpu_mode), VerifyMode(weights.verify),
             weights.timeout_ms, self.config.engine.start_timeout_s)
 
     def shutdown(self) -> None:
@@ -131,9 +136,10 @@ class App:
             except Exception:  # noqa: BLE001 - shutdown goes on
                 logger.exception("stopping the Router failed")
             self._router = None
-        if self._control is not None:
-            self._control.join(timeout=5)
-            self._control = None
+        for thread in (self._control, self._autoscaler):
+            if thread is not None:
+                thread.join(timeout=30)
+        self._control = self._autoscaler = None
         self._runtime.stop()
 
     def __enter__(self) -> "App":
@@ -164,16 +170,19 @@ class App:
         replicas have finished their in-flight requests and stopped."""
         if not 0 <= replicas <= 64:
             raise ValueError(f"replicas must be between 0 and 64, got {replicas}")
-        started = time.time()
         with self._scaling:
-            with self._lock:
-                before = len(self._replicas)
-            if replicas > before:
-                reports = self._scale_out(replicas - before)
-            else:
-                reports = self._scale_in(before - replicas)
-            with self._lock:
-                after = sum(1 for r in self._replicas.values() if r.info.state is ReplicaState.READY)
+            return self._scale_locked(replicas)
+
+    def _scale_locked(self, replicas: int) -> ScaleReport:
+        started = time.time()
+        with self._lock:
+            before = len(self._replicas)
+        if replicas > before:
+            reports = self._scale_out(replicas - before)
+        else:
+            reports = self._scale_in(before - replicas)
+        with self._lock:
+            after = sum(1 for r in self._replicas.values() if r.info.state is ReplicaState.READY)
         report = ScaleReport(requested_replicas=replicas, replicas_before=before, replicas_after=after,
                              seconds=round(time.time() - started, 3), replicas=reports)
         logger.info("%s", report)
@@ -313,6 +322,34 @@ class App:
         with self._lock:
             infos = [r.info for r in self._replicas.values()]
         yr.get(self._router.update_replicas.invoke(infos))
+
+    # ---- autoscaling ---------------------------------------------------------------------------------
+
+    def _autoscale(self) -> None:
+        """Evaluate the policy every interval; act on a decision unless a scaling is under way (a manual
+        one, or the previous decision's): decisions never race."""
+        import yr
+
+        policy = AutoscalePolicy(self.config.autoscale)
+        while not self._stopping.wait(self.config.autoscale.interval_s):
+            try:
+                signals = Signals(**yr.get(self._router.signals.invoke(), timeout=30))
+            except Exception:  # noqa: BLE001 - the Router is going away, or busy: try again
+                continue
+            if self._scaling.locked():
+                continue
+            decision = policy.evaluate(signals, time.monotonic())
+            if decision is None or not self._scaling.acquire(blocking=False):
+                continue
+            try:
+                logger.info("autoscaler: %s -> %d replicas (%s)", decision.reason, decision.target,
+                            decision.signals.model_dump())
+                yr.get(self._router.record_decision.invoke(decision.as_dict()))
+                self._scale_locked(decision.target)
+            except Exception:  # noqa: BLE001 - logged; the next evaluation decides again
+                logger.exception("autoscaling to %d failed", decision.target)
+            finally:
+                self._scaling.release()
 
     # ---- scaling requests from HTTP ----------------------------------------------------------------
 

@@ -18,6 +18,8 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from app.autoscale_policy import AutoscaleConfig
+
 ENV_PREFIX = "YRLLM_"
 _NESTED = "__"
 
@@ -81,6 +83,9 @@ class WeightsConfig(_Section):
 
     enabled: bool = Field(True, description="Use the WeightCache. Off: every replica loads from disk "
                           "with vLLM's default loader.")
+    tier: Literal["host", "npu"] = Field("host", description="Where cached weights live: 'host' (the "
+                                         "data system's shared memory; every device) or 'npu' (device "
+                                         "objects, Ascend only, NOT verified on hardware).")
     cpu_mode: Literal["map", "pull"] = Field("map", description="CPU replicas: 'map' makes parameters "
                                              "views of the data system's shared memory (no copy, one "
                                              "physical copy per host); 'pull' copies them.")
@@ -147,6 +152,7 @@ class AppConfig(_Section):
     router: RouterConfig = Field(default_factory=RouterConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @field_validator("model")

@@ -27,5 +27,10 @@ class RouterMetrics:
         self.replicas = Gauge(f"{PREFIX}_replicas", "Replicas known to the Router, by state.", ["state"],
                               registry=self.registry)
 
+        self.autoscale_target = Gauge(f"{PREFIX}_autoscale_target_replicas",
+                                      "Replica count the autoscaler last decided on.", registry=self.registry)
+        self.autoscale_decisions = Counter(f"{PREFIX}_autoscale_decisions", "Autoscaling decisions, by "
+                                           "direction.", ["direction"], registry=self.registry)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

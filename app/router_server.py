@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future
 from typing import Any, Callable, Literal
 
@@ -96,6 +96,9 @@ class RouterServer:
         self._idle = asyncio.Condition()
         self._metrics = RouterMetrics()
         self.scale_requests = ScaleMailbox()
+        # (wall time, seconds to first byte) of recent proxied requests: the autoscaler's TTFT signal.
+        self._first_bytes: deque[tuple[float, float]] = deque(maxlen=512)
+        self._decisions: deque[dict[str, Any]] = deque(maxlen=20)
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -176,10 +179,24 @@ class RouterServer:
         return asyncio.run_coroutine_threadsafe(self._drain(replica_id, timeout_s),
                                                 self._loop).result()
 
+    def signals(self, window_s: float = 30.0) -> dict[str, Any]:
+        """Load signals for the autoscaler. Thread-safe."""
+        horizon = time.time() - window_s
+        recent = sorted(ttft for at, ttft in list(self._first_bytes) if at >= horizon)
+        return {"ready": len(self._ready_ids()), "in_flight": sum(self._in_flight.values()),
+                "ttft_p50_s": recent[len(recent) // 2] if recent else None}
+
+    def record_decision(self, decision: dict[str, Any]) -> None:
+        """Show an autoscaling decision in /status and /metrics. Thread-safe."""
+        self._decisions.append({"at": time.time(), **decision})
+        self._metrics.autoscale_target.set(decision["target"])
+        self._metrics.autoscale_decisions.labels(decision["reason"].split(":")[0]).inc()
+
     def snapshot(self) -> dict[str, Any]:
         """The ``/status`` document. Thread-safe (reads are of immutable snapshots)."""
         return {
             "models": self._models,
+            "autoscale_decisions": list(self._decisions),
             "ready_replicas": len(self._ready_ids()),
             "replicas": [{**info.model_dump(mode="json"), "in_flight": self._in_flight[rid]}
                          for rid, info in sorted(self._replicas.items())],
@@ -278,7 +295,9 @@ class RouterServer:
                 first = True
                 async for chunk in upstream.content.iter_any():
                     if first:
-                        self._metrics.first_byte.labels(route.value).observe(time.perf_counter() - started)
+                        ttft = time.perf_counter() - started
+                        self._metrics.first_byte.labels(route.value).observe(ttft)
+                        self._first_bytes.append((time.time(), ttft))
                         await response.prepare(request)
                         first = False
                     await response.write(chunk)

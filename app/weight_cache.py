@@ -54,12 +54,13 @@ class CacheStats(BaseModel):
 class WeightCache:
     """Thread-safe; one instance behind the WeightCache actor."""
 
-    def __init__(self, ds_address: str, *, cpu_mode: PlanKind = PlanKind.MAP,
+    def __init__(self, ds_address: str, *, tier: str = "host", cpu_mode: PlanKind = PlanKind.MAP,
                  verify: VerifyMode = VerifyMode.SAMPLED, timeout_ms: int = 5000,
                  await_seed_s: float = 600.0) -> None:
         if cpu_mode not in (PlanKind.MAP, PlanKind.PULL):
             raise ValueError(f"cpu_mode must be map or pull, got {cpu_mode}")
         self._ds_address = ds_address
+        self._tier_name = tier
         self._cpu_mode = cpu_mode
         self._verify = verify
         self._timeout_ms = timeout_ms
@@ -81,11 +82,12 @@ class WeightCache:
             else:
                 self._stats.hits += 1
                 entry.readers.add(replica_id)
-                kind = self._cpu_mode
+                # Device objects are pulled device to device; only host memory can be mapped.
+                kind = self._cpu_mode if self._tier_name == "host" else PlanKind.PULL
                 await_s = self._await_seed_s if entry.state is EntryState.SEEDING else 0.0
             self._planned[replica_id] = fingerprint
         logger.info("weight plan for %s: %s%s", replica_id, kind.value, " (awaiting the seed)" if await_s else "")
-        return WeightPlan(kind=kind, replica_id=replica_id, fingerprint=fingerprint,
+        return WeightPlan(kind=kind, replica_id=replica_id, fingerprint=fingerprint, tier=self._tier_name,
                           ds_address=self._ds_address, verify=self._verify, timeout_ms=self._timeout_ms,
                           await_seed_s=await_s, report_path=report_path)
 

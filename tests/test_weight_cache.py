@@ -122,3 +122,10 @@ def test_retire_frees_the_data_system_objects(cache, worker):
     assert cache.retire(IDENTITY.fingerprint)
     assert not any(tier.exists(everything))
     assert cache.stats()["entries"] == []
+
+
+def test_the_npu_tier_is_always_pulled(worker):
+    cache = WeightCache(worker.address, tier="npu")
+    plan(cache, "s")
+    follower = plan(cache, "f")
+    assert (follower.kind, follower.tier) == (PlanKind.PULL, "npu")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,7 +20,7 @@ class WeightPlan(BaseModel):
     kind: PlanKind
     replica_id: str
     fingerprint: str
-    tier: str = Field("host", description="host or npu.")
+    tier: Literal["host", "npu"] = "host"
     ds_address: str
     verify: VerifyMode = VerifyMode.SAMPLED
     timeout_ms: int = Field(5000, gt=0)

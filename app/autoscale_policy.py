@@ -1,0 +1,97 @@
+"""When to add and remove replicas: a pure policy over live signals, so it can be tested on synthetic
+sequences and reasoned about without engines.
+
+Up fast: the first evaluation that shows pressure (too many requests in flight per replica, or slow
+first tokens) scales up, to as many replicas as the load needs at once. Down promptly but calmly: only
+after the load has fitted in fewer replicas for a whole quiet period, one replica at a time. Replicas
+still starting count as capacity, so a burst is not answered twice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class AutoscaleConfig(BaseModel):
+    """Autoscaling knobs (section ``autoscale`` of AppConfig)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(False, description="Follow the traffic (also --autoscale).")
+    min_replicas: int = Field(1, ge=0, description="Never fewer replicas than this.")
+    max_replicas: int = Field(4, ge=1, le=64, description="Never more replicas than this.")
+    target_in_flight: float = Field(4.0, gt=0, description="Requests in flight per ready replica the "
+                                    "App aims for; above it is pressure.")
+    ttft_target_s: float | None = Field(None, gt=0, description="Median time to first token above "
+                                        "this is pressure too (unset: in-flight only).")
+    quiet_period_s: float = Field(30.0, ge=0, description="Scale down only after the load has fitted "
+                                  "in fewer replicas for this long.")
+    interval_s: float = Field(1.0, gt=0, description="Seconds between evaluations.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscaleConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class Signals(BaseModel):
+    """What the Router saw at one evaluation."""
+
+    ready: int
+    starting: int = 0
+    in_flight: int
+    ttft_p50_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    target: int
+    reason: str
+    signals: Signals
+
+    def as_dict(self) -> dict[str, object]:
+        return {"target": self.target, "reason": self.reason, "signals": self.signals.model_dump()}
+
+
+class AutoscalePolicy:
+    """Stateful only in the quiet-period clock; ``evaluate`` is called once per interval."""
+
+    def __init__(self, config: AutoscaleConfig) -> None:
+        self.config = config
+        self._calm_since: float | None = None  # since when fewer replicas would have sufficed
+
+    def evaluate(self, signals: Signals, now: float) -> Decision | None:
+        config = self.config
+        current = signals.ready + signals.starting
+        needed = math.ceil(signals.in_flight / config.target_in_flight)
+        slow = (config.ttft_target_s is not None and signals.ttft_p50_s is not None
+                and signals.ttft_p50_s > config.ttft_target_s and signals.in_flight > 0)
+        if current < config.min_replicas:
+            self._calm_since = None
+            return Decision(config.min_replicas, f"below min_replicas ({config.min_replicas})", signals)
+        if current > config.max_replicas:
+            self._calm_since = None
+            return Decision(config.max_replicas, f"above max_replicas ({config.max_replicas})", signals)
+        if needed > current or (slow and signals.starting == 0):
+            self._calm_since = None
+            target = min(config.max_replicas, max(needed, current + 1))
+            if target == current:
+                return None  # pressure, but already at max_replicas
+            why = (f"{signals.in_flight} in flight > {config.target_in_flight:g} per replica x {current}"
+                   if needed > current else
+                   f"median TTFT {signals.ttft_p50_s:.2f} s > {config.ttft_target_s:g} s")
+            return Decision(target, f"scale up: {why}", signals)
+        if signals.starting or max(needed, config.min_replicas) >= current:
+            self._calm_since = None  # load needs every replica (or one is still coming up)
+            return None
+        if self._calm_since is None:
+            self._calm_since = now
+        if now - self._calm_since < config.quiet_period_s:
+            return None
+        self._calm_since = None  # the next step down waits a full quiet period again
+        return Decision(current - 1, f"scale down: {signals.in_flight} in flight fit in {current - 1} "
+                        f"replicas for {config.quiet_period_s:g} s", signals)
