@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.autoscale_policy import AutoscalePolicy, Signals
+from app.autoscale_policy import AutoscaleConfig, AutoscalePolicy, Signals
 from app.config import AppConfig
 from app.engine_spec import EngineSpec
 from app.replica import ReplicaInfo, ReplicaState
@@ -59,6 +59,7 @@ class App:
         self._stopping = threading.Event()
         self._control: threading.Thread | None = None
         self._autoscaler: threading.Thread | None = None
+        self._autoscale_stop = threading.Event()
         self._log_dir = Path(tempfile.mkdtemp(prefix="yrllm-logs-"))
         self.model_dir: Path | None = None
         self.served_model_name: str | None = None
@@ -95,8 +96,7 @@ class App:
         if not report.ok:
             raise RuntimeError(f"the App could not start its replicas:\n{report}")
         if self.config.autoscale.enabled:
-            self._autoscaler = threading.Thread(target=self._autoscale, name="app-autoscaler", daemon=True)
-            self._autoscaler.start()
+            self.autoscale(self.config.autoscale)
 
     def _start_weight_cache(self) -> None:
         import yr
@@ -117,6 +117,7 @@ class App:
         import yr
 
         self._stopping.set()
+        self.autoscale(None)
         with self._lock:
             replicas = list(self._replicas.values())
             self._replicas.clear()
@@ -136,10 +137,9 @@ class App:
             except Exception:  # noqa: BLE001 - shutdown goes on
                 logger.exception("stopping the Router failed")
             self._router = None
-        for thread in (self._control, self._autoscaler):
-            if thread is not None:
-                thread.join(timeout=30)
-        self._control = self._autoscaler = None
+        if self._control is not None:
+            self._control.join(timeout=30)
+            self._control = None
         self._runtime.stop()
 
     def __enter__(self) -> "App":
@@ -211,6 +211,7 @@ class App:
                                                           state=ReplicaState.LOADING), seq)
         with self._lock:
             self._replicas[replica_id] = replica
+        self._publish_replicas()  # visible as loading in /status; routed to once ready
         error = None
         try:
             # No yr.get timeout: in local mode it returns None instead of raising. The engine host
@@ -325,13 +326,26 @@ class App:
 
     # ---- autoscaling ---------------------------------------------------------------------------------
 
-    def _autoscale(self) -> None:
+    def autoscale(self, config: AutoscaleConfig | None) -> None:
+        """Follow the traffic with ``config`` (``enabled`` is implied), or stop following it (None).
+        Manual ``scale()`` keeps working beside it."""
+        if self._autoscaler is not None:
+            self._autoscale_stop.set()
+            self._autoscaler.join(timeout=600)  # a scaling under way finishes first
+            self._autoscaler = None
+        if config is not None:
+            self._autoscale_stop = threading.Event()
+            self._autoscaler = threading.Thread(target=self._autoscale, args=(config, self._autoscale_stop),
+                                                name="app-autoscaler", daemon=True)
+            self._autoscaler.start()
+
+    def _autoscale(self, config: AutoscaleConfig, stop: threading.Event) -> None:
         """Evaluate the policy every interval; act on a decision unless a scaling is under way (a manual
         one, or the previous decision's): decisions never race."""
         import yr
 
-        policy = AutoscalePolicy(self.config.autoscale)
-        while not self._stopping.wait(self.config.autoscale.interval_s):
+        policy = AutoscalePolicy(config)
+        while not stop.wait(config.interval_s):
             try:
                 signals = Signals(**yr.get(self._router.signals.invoke(), timeout=30))
             except Exception:  # noqa: BLE001 - the Router is going away, or busy: try again

@@ -1,0 +1,181 @@
+"""Bursty traffic against the Router, with and without autoscaling.
+
+    python -m bench.traffic [--scale 1.0] [--out bench/out]
+
+Replays a trace (idle, step up, spike, decay, idle) twice on the demo model: once with a fixed single
+replica, once with the autoscaler on. Streaming chat requests through the official ``openai`` client.
+Records per second: request rate, replicas ready and starting, requests in flight, p50/p99 time to
+first token, errors. Writes ``<out>/traffic.json``, ``<out>/traffic.png`` and ``<out>/traffic.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+#: (seconds, requests per second): idle, step up, spike, decay, idle.
+TRACE = [(10, 0.3), (20, 1.5), (20, 5.0), (20, 1.0), (40, 0.2)]
+
+
+@dataclass
+class RequestRecord:
+    sent: float
+    ttft: float | None = None
+    done: float | None = None
+    error: str | None = None
+
+
+def send(client, model: str, record: RequestRecord) -> None:
+    try:
+        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Tell me"}],
+                                                max_tokens=32, stream=True, temperature=0,
+                                                extra_body={"ignore_eos": True})
+        for chunk in stream:
+            if record.ttft is None and chunk.choices and chunk.choices[0].delta.content:
+                record.ttft = time.time() - record.sent
+        record.done = time.time()
+    except Exception as exc:  # noqa: BLE001 - a failed request is a result, counted below
+        record.error = f"{type(exc).__name__}: {exc}"[:200]
+
+
+def sample(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/status", timeout=10) as response:
+        status = json.loads(response.read())
+    states = [r["state"] for r in status["replicas"]]
+    return {"ready": states.count("ready"), "starting": states.count("loading") + states.count("pending"),
+            "in_flight": sum(r["in_flight"] for r in status["replicas"])}
+
+
+def replay(url: str, model: str, scale: float) -> tuple[list[RequestRecord], list[dict]]:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
+    records: list[RequestRecord] = []
+    samples: list[dict] = []
+    stop = threading.Event()
+    start = time.time()
+
+    def sampler() -> None:
+        while not stop.wait(1.0):
+            try:
+                samples.append({"t": round(time.time() - start, 1), **sample(url)})
+            except OSError:
+                continue
+
+    threading.Thread(target=sampler, daemon=True).start()
+    with ThreadPoolExecutor(max_workers=128) as pool:
+        next_at = start
+        for seconds, rate in TRACE:
+            phase_end = next_at + seconds * scale
+            while next_at < phase_end:
+                time.sleep(max(0.0, next_at - time.time()))
+                record = RequestRecord(sent=time.time())
+                records.append(record)
+                pool.submit(send, client, model, record)
+                next_at += 1.0 / rate
+    stop.set()
+    for record in records:
+        record.sent -= start
+        record.done = None if record.done is None else record.done - start
+    return records, samples
+
+
+def per_second(records: list[RequestRecord], samples: list[dict]) -> list[dict]:
+    rows = []
+    for row in samples:
+        second = row["t"]
+        window = [r for r in records if second - 1 <= r.sent < second]
+        ttfts = sorted(r.ttft for r in records if r.ttft is not None and second - 5 <= r.sent < second)
+        rows.append({**row, "rate": len(window), "errors": sum(1 for r in window if r.error),
+                     "ttft_p50": ttfts[len(ttfts) // 2] if ttfts else None,
+                     "ttft_p99": ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))] if ttfts else None})
+    return rows
+
+
+def summary(name: str, records: list[RequestRecord], rows: list[dict], scale: float) -> dict:
+    burst_start = sum(seconds for seconds, _ in TRACE[:2]) * scale
+    burst_end = burst_start + TRACE[2][0] * scale
+    burst = [r.ttft for r in records if r.ttft is not None and burst_start <= r.sent < burst_end]
+    added = next((row["t"] for row in rows if row["t"] >= burst_start - TRACE[1][0] * scale
+                  and row["ready"] > rows[0]["ready"]), None)
+    step_start = TRACE[0][0] * scale
+    return {"run": name, "requests": len(records), "failed": sum(1 for r in records if r.error),
+            "errors": sorted({r.error for r in records if r.error})[:5],
+            "first_capacity_added_s_after_step": None if added is None else round(added - step_start, 1),
+            "max_ready": max(row["ready"] for row in rows),
+            "burst_ttft_p50_s": round(statistics.median(burst), 3) if burst else None,
+            "burst_ttft_p99_s": round(sorted(burst)[int(len(burst) * 0.99)], 3) if burst else None}
+
+
+def run(autoscale: bool, scale: float) -> dict:
+    from app import App, AppConfig
+
+    overrides = {"router.port": 0, "engine.dtype": "float32", "engine.max_model_len": 512,
+                 "autoscale.enabled": autoscale, "autoscale.min_replicas": 1, "autoscale.max_replicas": 3,
+                 "autoscale.target_in_flight": 3, "autoscale.quiet_period_s": 15 * scale}
+    with App(AppConfig.load(env={}, overrides=overrides)) as app:
+        records, samples = replay(app.url, app.served_model_name, scale)
+        decisions = app.status()["autoscale_decisions"]
+    rows = per_second(records, samples)
+    name = "autoscale" if autoscale else "fixed 1 replica"
+    return {"summary": summary(name, records, rows, scale), "per_second": rows, "decisions": decisions,
+            "requests": [asdict(r) for r in records]}
+
+
+def plot(results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    for result, style in zip(results, ("--", "-")):
+        rows, name = result["per_second"], result["summary"]["run"]
+        t = [row["t"] for row in rows]
+        axes[0].plot(t, [row["rate"] for row in rows], style, label=f"requests/s ({name})")
+        axes[1].plot(t, [row["ready"] for row in rows], style, label=f"ready ({name})")
+        axes[1].plot(t, [row["starting"] for row in rows], ":", label=f"starting ({name})")
+        axes[2].plot(t, [row["ttft_p50"] for row in rows], style, label=f"TTFT p50 ({name})")
+    axes[0].set_ylabel("requests/s")
+    axes[1].set_ylabel("replicas")
+    axes[2].set_ylabel("seconds")
+    axes[2].set_xlabel("seconds since the trace started")
+    for axis in axes:
+        axis.legend(loc="upper right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "traffic.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0, help="stretch (>1) or shrink the trace in time")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = [run(False, args.scale), run(True, args.scale)]
+    (args.out / "traffic.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out)
+    lines = ["# Bursty traffic: fixed vs autoscaled", "", f"Trace (seconds, requests/s): {TRACE}, time scale "
+             f"{args.scale}. Streaming chat, 32 tokens, demo model (tiny), float32.", "",
+             "| run | requests | failed | capacity added (s after the step) | max ready | burst TTFT p50 | burst TTFT p99 |",
+             "|---|---|---|---|---|---|---|"]
+    for result in results:
+        s = result["summary"]
+        lines.append(f"| {s['run']} | {s['requests']} | {s['failed']} | {s['first_capacity_added_s_after_step']} | "
+                     f"{s['max_ready']} | {s['burst_ttft_p50_s']} | {s['burst_ttft_p99_s']} |")
+    lines += ["", "Decisions (autoscale run):", ""]
+    lines += [f"- {d['reason']} -> {d['target']} replicas" for d in results[1]["decisions"]] or ["- none"]
+    (args.out / "traffic.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
