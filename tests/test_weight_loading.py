@@ -69,7 +69,7 @@ def test_mapped_parameters_are_the_seed_bytes_without_a_copy(tier):
 def test_pulled_parameters_are_private_copies_of_the_seed_bytes(tier):
     seed, keys = publish(tier, "a2" * 16)
     replica, mapped = small_model(1), small_model(2)
-    loader._pull(replica, loader._tensors(replica), fetch(tier, keys, replica, VerifyMode.FULL))
+    loader._pull(loader._tensors(replica), fetch(tier, keys, replica, VerifyMode.FULL))
     loader._map(mapped, loader._tensors(mapped), fetch(tier, keys, mapped))
     assert_bitwise_equal(seed, replica)
     for (_, pulled), (_, shared) in zip(loader._tensors(replica), loader._tensors(mapped)):
