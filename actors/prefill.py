@@ -40,8 +40,5 @@ class Prefill:
     def timeline(self) -> dict[str, float]:
         return dict(self._host.timeline)
 
-    def mark_draining(self) -> None:
-        self._host.mark_draining()
-
     def stop(self) -> ReplicaInfo:
         return self._host.stop()

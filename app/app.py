@@ -16,6 +16,7 @@ from typing import Any
 from app.autoscale_policy import AutoscaleConfig, AutoscalePolicy, Signals
 from app.config import AppConfig
 from app.engine_spec import EngineSpec
+from app.openai_protocol import bad_request
 from app.replica import ReplicaInfo, ReplicaState
 from app.runtime import Runtime
 from app.scale_report import ReplicaReport, ScaleReport
@@ -299,7 +300,6 @@ class App:
                 yr.get(self._weight_cache.release.invoke(replica.replica_id))
             except Exception:  # noqa: BLE001 - the replica is stopped regardless
                 logger.exception("releasing %s's weights failed", replica.replica_id)
-
         try:
             yr.get(replica.actor.stop.invoke(), timeout=120)
         except Exception:  # noqa: BLE001 - the actor is terminated below regardless
@@ -351,7 +351,7 @@ class App:
             except Exception:  # noqa: BLE001 - the Router is going away, or busy: try again
                 continue
             if self._scaling.locked():
-                continue
+                continue  # a scaling is under way: its replicas are not in the signals yet
             decision = policy.evaluate(signals, time.monotonic())
             if decision is None or not self._scaling.acquire(blocking=False):
                 continue
@@ -389,13 +389,11 @@ class App:
             current = len(self._replicas)
         target = body.get("replicas", current + 1 if verb == "scaleout" else current - 1)
         if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target <= 64:
-            return 400, {"error": {"message": "'replicas' must be an integer between 0 and 64.",
-                                   "type": "invalid_request_error", "param": "replicas",
-                                   "code": "invalid_replicas"}}
+            return 400, bad_request("'replicas' must be an integer between 0 and 64.", "replicas",
+                                    "invalid_replicas").body()
         if (verb == "scaleout" and target < current) or (verb == "scalein" and target > current):
-            return 400, {"error": {"message": f"{verb} to {target} replicas, but {current} are running.",
-                                   "type": "invalid_request_error", "param": "replicas",
-                                   "code": "invalid_replicas"}}
+            return 400, bad_request(f"{verb} to {target} replicas, but {current} are running.", "replicas",
+                                    "invalid_replicas").body()
         report = self.scale(target)
         return (200 if report.ok else 500), report.to_dict()
 

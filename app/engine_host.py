@@ -107,10 +107,6 @@ class EngineHost:
         if not self._healthy():
             raise EngineFailed(f"engine {self._spec.replica_id} does not answer /health")
 
-    def mark_draining(self) -> None:
-        if self._state is ReplicaState.READY:
-            self._state = ReplicaState.DRAINING
-
     def stop(self) -> ReplicaInfo:
         """Stop the engine (its EngineCore too). Idempotent."""
         with self._lock:

@@ -51,8 +51,8 @@ class ApiError(Exception):
         return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
 
 
-def bad_request(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, ErrorType.INVALID_REQUEST, param, "invalid_request")
+def bad_request(message: str, param: str | None = None, code: str = "invalid_request") -> ApiError:
+    return ApiError(400, message, ErrorType.INVALID_REQUEST, param, code)
 
 
 def model_not_found(name: str) -> ApiError:
