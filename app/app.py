@@ -15,6 +15,7 @@ from typing import Any
 
 from app.autoscale_policy import AutoscaleConfig, AutoscalePolicy, Signals
 from app.config import AppConfig
+from app.engine_pool import ENGINE_POOL
 from app.engine_spec import EngineSpec
 from app.openai_protocol import bad_request
 from app.replica import ReplicaInfo, ReplicaState
@@ -124,6 +125,7 @@ class App:
             self._replicas.clear()
         for replica in replicas:
             self._stop_replica(replica)
+        ENGINE_POOL.close()
         if self._weight_cache is not None:
             try:
                 yr.get(self._weight_cache.clear.invoke())

@@ -76,6 +76,9 @@ class EngineConfig(_Section):
                                    "after this many seconds.")
     extra_args: list[str] = Field(default_factory=list, description="Extra vLLM server flags passed "
                                   "verbatim, for example ['--max-num-seqs', '8'].")
+    standby_processes: int = Field(1, ge=0, le=8, description="Local mode: engine processes kept "
+                                   "standing by with torch and vLLM imported, so a scale-out skips that "
+                                   "import (~7 s on 2 cores). Each idles at ~0.6 GB of memory.")
 
 
 class WeightsConfig(_Section):

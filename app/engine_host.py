@@ -2,7 +2,8 @@
 
 Why a process per engine, and not the engine inside the actor: in yr local mode actors are threads of
 the driver, and engines sharing one process share a GIL and silently clobber each other's ``vllm:*``
-Prometheus metrics; a crashed engine would also take the driver down. The process runs vLLM's own
+Prometheus metrics; a crashed engine would also take the driver down. Processes come from the
+``EnginePool``, which keeps one standing by with torch and vLLM already imported. The process runs vLLM's own
 OpenAI server. vLLM's async engine always runs EngineCore in a process of its own (spawned: the CPU
 platform forces it), but the model worker stays inside EngineCore (see ``EngineSpec.environment``),
 so a replica is two processes, not three.
@@ -13,13 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
+from app.engine_pool import ENGINE_POOL
 from app.engine_spec import EngineSpec
 from app.processes import ChildProcess, free_port
 from app.replica import ReplicaInfo, ReplicaState, Role
@@ -60,11 +60,10 @@ class EngineHost:
             port = self._spec.port or free_port(self._spec.host)
             self._spec = self._spec.model_copy(update={"port": port})
             self._state = ReplicaState.LOADING
-            self._process = ChildProcess(
-                f"engine {self._spec.replica_id}",
-                [sys.executable, "-m", "app.engine_main", self._spec.model_dump_json()],
-                self._spec.log_dir / f"engine-{self._spec.replica_id}.log",
-                env={"PYTHONPATH": _project_root()})
+            self._process = ENGINE_POOL.take(self._environment(), self._spec.log_dir)
+            logger.info("replica %s runs in engine process %d (log %s)", self._spec.replica_id,
+                        self._process.pid, self._process.log_file)
+            self._process.send_line(self._spec.model_dump_json())
         try:
             self._wait_ready()
         except BaseException:
@@ -73,7 +72,12 @@ class EngineHost:
             raise
         self._state = ReplicaState.READY
         self.timeline["engine_ready"] = time.time()
+        if self._spec.standby_processes:
+            ENGINE_POOL.refill(self._environment(), self._spec.log_dir, self._spec.standby_processes)
         return self.info()
+
+    def _environment(self) -> dict[str, str]:
+        return self._spec.environment(os.cpu_count() or 1)
 
     def _wait_ready(self) -> None:
         assert self._process is not None
@@ -135,9 +139,3 @@ class EngineHost:
         self.timeline["first_token"] = time.time()
         return self.timeline["first_token"]
 
-
-def _project_root() -> str:
-    # The engine process must import this project even when the driver was started from elsewhere.
-    root = str(Path(__file__).resolve().parent.parent)
-    existing = os.environ.get("PYTHONPATH")
-    return f"{root}{os.pathsep}{existing}" if existing else root

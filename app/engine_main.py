@@ -1,7 +1,10 @@
 """Main of one engine process: vLLM's own OpenAI server, embedded, for one EngineSpec.
 
-Run as ``python -m app.engine_main '<EngineSpec JSON>'`` by ``app.engine_process``. The server, its
-routes, streaming and errors are vLLM's; this module only turns a spec into vLLM's arguments.
+Run as ``python -m app.engine_main`` by ``app.engine_pool``: it imports torch and vLLM's server first
+(about 7 s on 2 cores), then reads its EngineSpec (one JSON line) from stdin. A process can therefore be
+started before the replica it will serve is requested (a standby), and the import is off the scale-out
+path. The server, its routes, streaming and errors are vLLM's; this module only turns a spec into
+vLLM's arguments.
 """
 
 from __future__ import annotations
@@ -12,15 +15,19 @@ import sys
 from app.engine_spec import EngineSpec
 
 
-def main(argv: list[str]) -> None:
-    spec = EngineSpec.model_validate_json(argv[0])
-    os.environ.update(spec.environment(os.cpu_count() or 1))
-
+def main() -> None:
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.logger import configure_logging_from_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    line = sys.stdin.readline()
+    if not line:
+        return  # a standby that was never used: the pool closed our stdin
+    spec = EngineSpec.model_validate_json(line)
+    # The pool started us with spec.environment() already; applied again for whoever runs us by hand.
+    os.environ.update(spec.environment(os.cpu_count() or 1))
 
     parser = make_arg_parser(FlexibleArgumentParser(prog=f"engine {spec.replica_id}"))
     args = parser.parse_args(spec.server_args())
@@ -31,4 +38,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

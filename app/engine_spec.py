@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.config import AppConfig
+from app.config import AppConfig, RuntimeMode
 
 
 class EngineSpec(BaseModel):
@@ -31,6 +31,7 @@ class EngineSpec(BaseModel):
     loader_extra_config: dict[str, Any] = Field(default_factory=dict)
     log_dir: Path
     start_timeout_s: float
+    standby_processes: int = 0
 
     @classmethod
     def from_config(cls, config: AppConfig, *, replica_id: str, model: Path, served_model_name: str,
@@ -40,7 +41,10 @@ class EngineSpec(BaseModel):
                    host=engine.host, port=port, dtype=engine.dtype, max_model_len=engine.max_model_len,
                    kv_cache_gib=engine.kv_cache_gib, threads=engine.threads,
                    enforce_eager=engine.enforce_eager, extra_args=list(engine.extra_args),
-                   log_dir=log_dir, start_timeout_s=engine.start_timeout_s)
+                   log_dir=log_dir, start_timeout_s=engine.start_timeout_s,
+                   # Standbys help where engine actors share a process: local mode.
+                   standby_processes=engine.standby_processes
+                   if config.runtime.resolved_mode is RuntimeMode.LOCAL else 0)
 
     def server_args(self) -> list[str]:
         """The ``vllm serve`` flags for this engine."""

@@ -50,20 +50,26 @@ class ChildProcess:
     """A supervised child with its output in a log file."""
 
     def __init__(self, name: str, argv: Sequence[str], log_file: Path,
-                 env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None, stdin: bool = False) -> None:
         self.name = name
         self.log_file = log_file
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "ab") as log:
             self._popen = _LAUNCHER.submit(
-                subprocess.Popen, list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
-                preexec_fn=_die_with_parent).result()
+                subprocess.Popen, list(argv), stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd,
+                start_new_session=True, preexec_fn=_die_with_parent).result()
         logger.info("started %s (pid %d), log %s", name, self._popen.pid, log_file)
 
     @property
     def pid(self) -> int:
         return self._popen.pid
+
+    def send_line(self, text: str) -> None:
+        """Write one line to the child's stdin (started with ``stdin=True``) and close it."""
+        assert self._popen.stdin is not None
+        self._popen.stdin.write(text.encode() + b"\n")
+        self._popen.stdin.close()
 
     def poll(self) -> int | None:
         return self._popen.poll()

@@ -26,8 +26,16 @@ from pydantic import BaseModel
 
 from app.balancing import BalancingPolicy
 from app.config import RouterConfig
-from app.openai_protocol import (ApiError, ErrorType, Route, bad_request, no_replica_ready, parse_request,
-                                 unauthorized, upstream_failed)
+from app.openai_protocol import (
+    ApiError,
+    ErrorType,
+    Route,
+    bad_request,
+    no_replica_ready,
+    parse_request,
+    unauthorized,
+    upstream_failed,
+)
 from app.replica import ReplicaInfo, ReplicaState
 from app.router_metrics import RouterMetrics
 

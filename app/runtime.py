@@ -4,11 +4,17 @@ starts and always stops) or an existing cluster (the App connects and starts not
 from __future__ import annotations
 
 import logging
+import threading
 
 from app.config import RuntimeConfig, RuntimeMode
 from app.datasystem_worker import DataSystemWorker
 
 logger = logging.getLogger(__name__)
+
+# yr.init may run once per process, but a notebook (or a test session) may hold several Apps: the
+# first App initialises yr, the last one to stop finalises it.
+_yr_lock = threading.Lock()
+_yr_users: list[RuntimeMode] = []
 
 
 class Runtime:
@@ -29,12 +35,18 @@ class Runtime:
         if self.mode is RuntimeMode.LOCAL:
             self._worker = DataSystemWorker(self._config.ds_shared_memory_mb, self._config.ds_home)
             self.ds_address = self._worker.start(self._config.ds_start_timeout_s)
-            yr.init(yr.Config(local_mode=True))
+            config = yr.Config(local_mode=True)
         else:
             logger.info("connecting to the openYuanrong cluster at %s (data system %s)",
                         self._config.server_address, self._config.ds_address)
-            yr.init(yr.Config(server_address=self._config.server_address,
-                              ds_address=self._config.ds_address))
+            config = yr.Config(server_address=self._config.server_address, ds_address=self._config.ds_address)
+        with _yr_lock:
+            if _yr_users and _yr_users[0] is not self.mode:
+                raise RuntimeError(f"this process already runs yr in {_yr_users[0].value} mode; an App in "
+                                   f"{self.mode.value} mode needs a process of its own")
+            if not _yr_users:
+                yr.init(config)
+            _yr_users.append(self.mode)
         self._yr_started = True
 
     def stop(self) -> None:
@@ -43,10 +55,13 @@ class Runtime:
             import yr
 
             self._yr_started = False
-            try:
-                yr.finalize()
-            except Exception:  # noqa: BLE001 - never let it keep the worker alive
-                logger.exception("yr.finalize failed")
+            with _yr_lock:
+                _yr_users.pop()
+                try:
+                    if not _yr_users:
+                        yr.finalize()
+                except Exception:  # noqa: BLE001 - never let it keep the worker alive
+                    logger.exception("yr.finalize failed")
         if self._worker is not None:
             self._worker.stop()
             self._worker = None

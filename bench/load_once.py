@@ -1,27 +1,17 @@
 """One weight load in a fresh process: ``python -m bench.load_once '<json>'`` prints one JSON line.
 
 vLLM's ``LLM`` runs in-process here (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the time measured is
-the load format's, not process start-up's. vLLM's own loaders report their time in the line
-"Loading weights took X seconds"; ours in the LoadReport it writes.
+the load format's, not process start-up's. vLLM's own loaders report their time in their log line
+"Loading weights took X seconds" (``bench.run`` reads it from this process's output); ours in the
+LoadReport it writes.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import re
 import sys
 import time
-
-
-class _WeightsTook(logging.Handler):
-    seconds: float | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        match = re.search(r"Loading weights took ([0-9.]+) seconds", record.getMessage())
-        if match:
-            _WeightsTook.seconds = float(match.group(1))
 
 
 def main(args: dict) -> dict:
@@ -30,7 +20,6 @@ def main(args: dict) -> dict:
                        "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
     import vllm
 
-    logging.getLogger("vllm").addHandler(_WeightsTook())
     started = time.perf_counter()
     llm = vllm.LLM(model=args["model"], dtype=args["dtype"], max_model_len=256, enforce_eager=True,
                    load_format=args["load_format"],
@@ -38,7 +27,7 @@ def main(args: dict) -> dict:
                    distributed_executor_backend="uni")
     engine_s = time.perf_counter() - started
     out = llm.generate(["def f(x):"], vllm.SamplingParams(max_tokens=8, temperature=0))
-    return {"weights_s": _WeightsTook.seconds, "engine_s": round(engine_s, 3),
+    return {"engine_s": round(engine_s, 3),
             "tokens": list(out[0].outputs[0].token_ids)}
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,9 @@ def load_once(model: Path, load_format: str, extra: dict | None = None, timeout_
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     result = json.loads(lines[-1][7:]) if lines else {"error": f"no result (exit {done.returncode}): "
                                                                f"{done.stderr.strip()[-300:]}"}
+    took = re.findall(r"Loading weights took ([0-9.]+) seconds", done.stdout + done.stderr)
+    if took:
+        result["weights_s"] = float(took[-1])
     result["process_s"] = round(time.perf_counter() - started, 2)
     return result
 

@@ -68,6 +68,17 @@ def app_descendants() -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="session")
+def ds_worker():
+    """A data system worker of its own for the weight-plane tests (the App has another)."""
+    from app.datasystem_worker import DataSystemWorker
+
+    worker = DataSystemWorker(512)
+    worker.start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """A private copy of the demo model: tests may hide its weight files to prove that a replica
     read none of them."""

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import app_descendants, leftovers, test_cache_dir
 
 from app.config import AppConfig, ConfigError
 from app.datasystem_worker import DataSystemWorker
 from app.processes import port_open
-from conftest import app_descendants, leftovers, test_cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,13 +144,17 @@ def test_an_app_whose_engine_cannot_start_stops_everything(tmp_path):
         "router.port": 0, "engine.dtype": "float32", "engine.max_model_len": 512,
         "engine.kv_cache_gib": 1, "runtime.ds_shared_memory_mb": 256,
         "engine.extra_args": ["--no-such-vllm-flag"], "demo_cache_dir": str(test_cache_dir())})
+    from app.engine_pool import ENGINE_POOL
+
+    ENGINE_POOL.close()  # so that this App starts (and must stop) an engine process of its own
     app = App(config)
     seen: dict[psutil.Process, str] = {}
+    before = set(app_descendants())  # the session's shared App may be running beside this one
 
     def watch() -> None:  # remember every process the App starts, while it runs
         while not done.is_set():
             for child in app_descendants():
-                if child not in seen:
+                if child not in seen and child not in before:
                     seen[child] = " ".join(_cmdline(child))
             time.sleep(0.05)
 
@@ -167,7 +171,7 @@ def test_an_app_whose_engine_cannot_start_stops_everything(tmp_path):
     assert any("datasystem_worker" in cmd for cmd in seen.values()), seen
     assert any("app.engine_main" in cmd for cmd in seen.values()), seen
     assert not leftovers(list(seen)), "a failed start left processes behind"
-    assert not app_descendants()
+    assert not set(app_descendants()) - before
     app.shutdown()  # idempotent after a failed start
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from app.datasystem_worker import DataSystemWorker
 from app.weight_cache import WeightCache
 from app.weights.host_tier import HostTier
 from app.weights.identity import RankLayout, WeightIdentity, WeightKeys
@@ -16,17 +15,9 @@ from app.weights.load_report import LoadReport, PlanKind, WeightSource
 IDENTITY = WeightIdentity(content="e" * 64, dtype="float32", quantization=None, vllm_version="0.32.0")
 
 
-@pytest.fixture(scope="module")
-def worker():
-    worker = DataSystemWorker(128)
-    worker.start()
-    yield worker
-    worker.stop()
-
-
 @pytest.fixture
-def cache(worker):
-    cache = WeightCache(worker.address, await_seed_s=60)
+def cache(ds_worker):
+    cache = WeightCache(ds_worker.address, await_seed_s=60)
     yield cache
     cache.clear()
 
@@ -61,12 +52,12 @@ def test_after_the_seed_reports_new_replicas_map_without_waiting(cache):
     assert cache.stats()["bytes_served"] == 4096
 
 
-def test_a_failed_seed_hands_over_to_the_next_plan_and_tells_its_followers(cache, worker):
+def test_a_failed_seed_hands_over_to_the_next_plan_and_tells_its_followers(cache, ds_worker):
     plan(cache, "s1")
     plan(cache, "waiting")
     cache.abandon("s1")  # the seed's engine never came up
     tombstone = WeightKeys(IDENTITY.fingerprint, RankLayout()).abandoned
-    assert HostTier(worker.address).exists([tombstone]) == [True]
+    assert HostTier(ds_worker.address).exists([tombstone]) == [True]
     assert plan(cache, "s2").kind is PlanKind.SEED
     assert cache.stats()["misses"] == 2
 
@@ -98,20 +89,21 @@ def test_different_identities_get_different_entries(cache):
     assert plan(cache, "b", other).kind is PlanKind.SEED
 
 
-def test_pull_mode_and_bad_modes(worker):
-    cache = WeightCache(worker.address, cpu_mode=PlanKind.PULL)
+def test_pull_mode_and_bad_modes(ds_worker):
+    cache = WeightCache(ds_worker.address, cpu_mode=PlanKind.PULL)
     plan(cache, "s")
     assert plan(cache, "f").kind is PlanKind.PULL
     with pytest.raises(ValueError):
-        WeightCache(worker.address, cpu_mode=PlanKind.SEED)
+        WeightCache(ds_worker.address, cpu_mode=PlanKind.SEED)
 
 
-def test_retire_frees_the_data_system_objects(cache, worker):
-    import torch
+def test_retire_frees_the_data_system_objects(cache, ds_worker):
     from types import SimpleNamespace
 
+    import torch
+
     loader = pytest.importorskip("app.weights.loader")
-    tier = HostTier(worker.address)
+    tier = HostTier(ds_worker.address)
     keys = WeightKeys(IDENTITY.fingerprint, RankLayout())
     model = torch.nn.Linear(8, 8)
     loader._publish(tier, keys, RankLayout(), loader._tensors(model), SimpleNamespace(dtype=torch.float32))
@@ -124,8 +116,8 @@ def test_retire_frees_the_data_system_objects(cache, worker):
     assert cache.stats()["entries"] == []
 
 
-def test_the_npu_tier_is_always_pulled(worker):
-    cache = WeightCache(worker.address, tier="npu")
+def test_the_npu_tier_is_always_pulled(ds_worker):
+    cache = WeightCache(ds_worker.address, tier="npu")
     plan(cache, "s")
     follower = plan(cache, "f")
     assert (follower.kind, follower.tier) == (PlanKind.PULL, "npu")

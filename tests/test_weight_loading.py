@@ -21,16 +21,8 @@ FP32 = SimpleNamespace(dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
-def worker():
-    worker = DataSystemWorker(256)
-    worker.start()
-    yield worker
-    worker.stop()
-
-
-@pytest.fixture(scope="module")
-def tier(worker):
-    return HostTier(worker.address, timeout_ms=3000)
+def tier(ds_worker):
+    return HostTier(ds_worker.address, timeout_ms=3000)
 
 
 def small_model(seed: int) -> nn.Module:

@@ -58,56 +58,65 @@ class DataSystemLoader(BaseModelLoader):
         return model
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
-        plan = self._plan
-        layout = _current_layout()
+        plan, layout = self._plan, _current_layout()
         keys = WeightKeys(plan.fingerprint, layout)
         params = _tensors(model)
-        nbytes = sum(p.numel() * p.element_size() for _, p in params)
         started = time.perf_counter()
-        source, fallback, publish_s, waited_s = WeightSource.DISK, plan.reason, None, 0.0
-        try:
-            if plan.kind in (PlanKind.MAP, PlanKind.PULL):
-                tier = _host_tier(plan)
-                if plan.await_seed_s:
-                    waited_s = _await_seed(tier, keys, plan.await_seed_s)
-                if plan.tier == NpuTier.name:
-                    # Device to device: checksums would need a copy to the host, so only the manifest
-                    # (names, shapes, dtypes, sizes) is checked on this tier.
-                    _checked_manifest(tier, keys, layout, params, model_config)
-                    _npu_tier(plan).pull(keys.tensors(len(params)), [p.data for _, p in params],
-                                         plan.timeout_ms)
-                    source = WeightSource.NPU
-                else:
-                    views = _fetch(tier, keys, layout, params, model_config, plan.verify)
-                    if plan.kind is PlanKind.MAP and _on_cpu(params):
-                        _map(model, params, views)
-                    else:
-                        _pull(params, views)
-                    source = WeightSource.HOST
-        except (TierError, ValueError) as exc:
-            fallback = f"{plan.kind.value} from the {plan.tier} tier failed: {exc}"
-            logger.warning("%s; loading from disk instead", fallback)
+        source, fallback, waited_s, publish_s = WeightSource.DISK, plan.reason, 0.0, None
+        if plan.kind in (PlanKind.MAP, PlanKind.PULL):
+            try:
+                source, waited_s = _from_cache(model, plan, keys, layout, params, model_config)
+            except (TierError, ValueError) as exc:
+                fallback = f"{plan.kind.value} from the {plan.tier} tier failed: {exc}"
+                logger.warning("%s; loading from disk instead", fallback)
         if source is WeightSource.DISK:
             self._disk.load_weights(model, model_config)
         seconds = time.perf_counter() - started - waited_s
-        if plan.kind is PlanKind.SEED and fallback is None:
+        if plan.kind is PlanKind.SEED:
             publish_started = time.perf_counter()
             try:
-                npu = _npu_tier(plan) if plan.tier == NpuTier.name else None
-                _publish(_host_tier(plan), keys, layout, params, model_config, npu)
-                if npu is None and _on_cpu(params):
-                    _map(model, params, _host_tier(plan).get(keys.tensors(len(params))))
+                _seed(model, plan, keys, layout, params, model_config)
             except (TierError, ValueError) as exc:
                 fallback = f"publishing to the {plan.tier} tier failed: {exc}"
                 logger.warning("%s; this replica serves, but the next one will load from disk", fallback)
             publish_s = time.perf_counter() - publish_started
-        report = LoadReport(replica_id=plan.replica_id, plan=plan.kind, source=source,
-                            parameters=len(params), bytes=nbytes, seconds=round(seconds, 4),
+        report = LoadReport(replica_id=plan.replica_id, plan=plan.kind, source=source, parameters=len(params),
+                            bytes=sum(p.numel() * p.element_size() for _, p in params),
+                            seconds=round(seconds, 4), waited_seconds=round(waited_s, 4),
                             publish_seconds=None if publish_s is None else round(publish_s, 4),
-                            waited_seconds=round(waited_s, 4),
                             fallback_reason=fallback, finished_at=time.time())
         logger.info("yrllm weights: %s", report.summary())
         _write_report(plan.report_path, report)
+
+
+def _from_cache(model: nn.Module, plan: WeightPlan, keys: WeightKeys, layout: RankLayout,
+                params: list[tuple[str, torch.Tensor]], model_config: ModelConfig) -> tuple[WeightSource, float]:
+    """Map or pull every parameter from the data system; returns the source and the seconds spent
+    waiting for a seed still loading. Raises TierError or ValueError, having changed nothing that a
+    disk load would not overwrite."""
+    tier = _host_tier(plan)
+    waited_s = _await_seed(tier, keys, plan.await_seed_s) if plan.await_seed_s else 0.0
+    if plan.tier == NpuTier.name:
+        # Device to device: checksums would need a copy to the host, so only the manifest (names,
+        # shapes, dtypes, sizes) is checked on this tier.
+        _checked_manifest(tier, keys, layout, params, model_config)
+        _npu_tier(plan).pull(keys.tensors(len(params)), [p.data for _, p in params], plan.timeout_ms)
+        return WeightSource.NPU, waited_s
+    views = _fetch(tier, keys, layout, params, model_config, plan.verify)
+    if plan.kind is PlanKind.MAP and _on_cpu(params):
+        _map(model, params, views)
+    else:
+        _pull(params, views)
+    return WeightSource.HOST, waited_s
+
+
+def _seed(model: nn.Module, plan: WeightPlan, keys: WeightKeys, layout: RankLayout,
+          params: list[tuple[str, torch.Tensor]], model_config: ModelConfig) -> None:
+    """Publish what was loaded from disk; on the host tier, then share the published copy."""
+    npu = _npu_tier(plan) if plan.tier == NpuTier.name else None
+    _publish(_host_tier(plan), keys, layout, params, model_config, npu)
+    if npu is None and _on_cpu(params):
+        _map(model, params, _host_tier(plan).get(keys.tensors(len(params))))
 
 
 def _await_seed(tier: HostTier, keys: WeightKeys, timeout_s: float) -> float:
