@@ -51,7 +51,8 @@ class EngineHost:
     def info(self) -> ReplicaInfo:
         return ReplicaInfo(replica_id=self._spec.replica_id, role=self._role, state=self._state,
                            url=self._spec.url if self._state is ReplicaState.READY else None,
-                           pid=self._process.pid if self._process else None)
+                           pid=self._process.pid if self._process else None,
+                           log=str(self._process.log_file) if self._process else None)
 
     def start(self) -> ReplicaInfo:
         with self._lock:

@@ -42,3 +42,4 @@ class ReplicaInfo(BaseModel):
     state: ReplicaState
     url: str | None = None
     pid: int | None = None
+    log: str | None = None  # the engine process's log file

@@ -35,7 +35,7 @@ def loader_table(shape: str, data: dict) -> list[str]:
 
 def scale_out_rows(scale: dict) -> tuple[list[str], dict | None]:
     lines = ["| replica | plan | weights from | actor up | weights loaded | engine ready | first token | "
-             "weights s |", "|---|---|---|---|---|---|---|---|"]
+             "weights s | model init s | KV cache + profile + warm-up s |", "|---|---|---|---|---|---|---|---|---|---|"]
     mapped = None
     for report in scale["reports"]:
         for replica in report["replicas"]:
@@ -48,7 +48,8 @@ def scale_out_rows(scale: dict) -> tuple[list[str], dict | None]:
             lines.append(f"| {replica['replica_id']} | {weights.get('plan', '–')} | {weights.get('source', '–')} | "
                          + " | ".join(_s(marks.get(m)) for m in ("actor_up", "weights_loaded", "engine_ready",
                                                                   "first_token"))
-                         + f" | {_s(weights.get('seconds'))} |")
+                         + f" | {_s(weights.get('seconds'))} | {_s(replica['engine_phases'].get('model_init_s'))} | "
+                         f"{_s(replica['engine_phases'].get('kv_cache_and_warmup_s'))} |")
     return lines, mapped
 
 
@@ -85,9 +86,15 @@ def write_report(results: dict, path: Path, out: Path) -> None:
                             f"{100 * pull_gbps / memcpy:.0f}% of {memcpy:.2f}", pull_gbps >= memcpy / 2))
     scale = results["scale_out"]
     table, mapped = scale_out_rows(scale)
+    pull_table, _ = scale_out_rows(results["scale_out_pull"])
     lines += ["## End-to-end scale-out (0.5B shape, App in local mode)", "",
-              "Seconds since `app.scale()` was called. The first replica cold-loads (seed); the others "
-              "map the seed's weights.", ""] + table + [""]
+              "Seconds since `app.scale()` was called, per replica. Between *actor up* and *weights loaded*: "
+              "the engine process (a standby, vLLM already imported, when one is available), argument "
+              "parsing, EngineCore's spawn and its import of torch and vLLM (about 7 s), model init, then the "
+              "weights. Between *weights loaded* and *engine ready*: KV cache allocation, vLLM's profiling "
+              "run and warm-up, the HTTP server. The first replica cold-loads (seed).", "",
+              "Mapped replicas (`weights.cpu_mode: map`, the default on CPU):", ""] + table + [
+              "", "Pulled replicas (`weights.cpu_mode: pull`, the copying path a GPU or NPU takes):", ""] + pull_table + [""]
     if mapped and "first_token" in mapped:
         targets.append(("0.5B: mapped replica's first token ≤ 3 s after scale()", f"{mapped['first_token']:.2f} s",
                         mapped["first_token"] <= 3))

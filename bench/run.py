@@ -151,22 +151,41 @@ def memory(pids: list[int], worker_pid: int) -> dict:
     return {"replicas": len(pids), "pss": pss, "rss": rss, "weights_pss": weights}
 
 
-def scale_out(shape: DemoShape, cache: Path) -> dict:
+def engine_phases(log_file: str) -> dict:
+    """vLLM's own timings from an engine's log: weights, and KV cache allocation with profiling and
+    warm-up."""
+    text = Path(log_file).read_text(errors="replace")
+    phases = {}
+    for name, pattern in (("kv_cache_and_warmup_s", r"init engine \(profile, create kv cache, warmup model\) "
+                                                    r"took ([0-9.]+)"),
+                          ("model_init_s", r"Initializing model took ([0-9.]+)")):
+        found = re.findall(pattern, text)
+        if found:
+            phases[name] = float(found[-1])
+    return phases
+
+
+def scale_out(shape: DemoShape, cache: Path, cpu_mode: str, steps: tuple[int, ...]) -> dict:
     from app import App, AppConfig
 
     model = demo_model_dir(cache, shape, DTYPE)
     nbytes = sum(path.stat().st_size for path in weight_files(model))
     config = AppConfig.load(env={}, overrides={"model": str(model), "router.port": 0, "engine.dtype": DTYPE,
                                                "engine.max_model_len": 512, "replicas": 0, "weights.verify": "sampled",
+                                               "weights.cpu_mode": cpu_mode,
                                                "runtime.ds_shared_memory_mb": max(1024, nbytes * 2 >> 20),
                                                "demo_cache_dir": str(cache)})
-    out: dict = {"model": str(model), "weight_bytes": nbytes, "memory": [], "reports": []}
+    out: dict = {"model": str(model), "weight_bytes": nbytes, "cpu_mode": cpu_mode, "memory": [], "reports": []}
     with App(config) as app:
-        for replicas in (1, 2, 3):
-            log(f"end-to-end: scale to {replicas}")
+        for replicas in steps:
+            log(f"end-to-end ({cpu_mode}): scale to {replicas}")
             report = app.scale(replicas)
-            out["reports"].append(report.to_dict())
             status = app.status()
+            logs = {r["replica_id"]: r["log"] for r in status["replicas"]}
+            data = report.to_dict()
+            for replica in data["replicas"]:
+                replica["engine_phases"] = engine_phases(logs[replica["replica_id"]])
+            out["reports"].append(data)
             out["memory"].append(memory([r["pid"] for r in status["replicas"]], status["ds_worker_pid"]))
     return out
 
@@ -208,7 +227,8 @@ def main() -> None:
                                   for shape in shapes}
     finally:
         worker.stop()
-    results["scale_out"] = scale_out(DemoShape.QWEN2_5_0_5B, args.cache)
+    results["scale_out"] = scale_out(DemoShape.QWEN2_5_0_5B, args.cache, "map", (1, 2, 3))
+    results["scale_out_pull"] = scale_out(DemoShape.QWEN2_5_0_5B, args.cache, "pull", (1, 2))
     results["seconds"] = round(time.time() - started, 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     from bench.report import write_report
