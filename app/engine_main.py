@@ -14,6 +14,9 @@ import sys
 
 from app.engine_spec import EngineSpec
 
+#: Printed once the imports are done: the process is a warm standby from then on.
+STANDBY_READY = "yrllm: engine process ready for its spec"
+
 
 def main() -> None:
     import uvloop
@@ -22,6 +25,8 @@ def main() -> None:
     from vllm.logger import configure_logging_from_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    parser = make_arg_parser(FlexibleArgumentParser(prog="engine"))
+    print(STANDBY_READY, flush=True)
     line = sys.stdin.readline()
     if not line:
         return  # a standby that was never used: the pool closed our stdin
@@ -29,7 +34,6 @@ def main() -> None:
     # The pool started us with spec.environment() already; applied again for whoever runs us by hand.
     os.environ.update(spec.environment(os.cpu_count() or 1))
 
-    parser = make_arg_parser(FlexibleArgumentParser(prog=f"engine {spec.replica_id}"))
     args = parser.parse_args(spec.server_args())
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)

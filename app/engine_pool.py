@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Mapping
 
+from app.engine_main import STANDBY_READY
 from app.processes import ChildProcess
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,12 @@ class EnginePool:
             process = self._start(env, log_dir)
             with self._lock:
                 self._idle.append((dict(env), process))
+
+    def warm(self) -> int:
+        """Idle standbys that have finished importing."""
+        with self._lock:
+            idle = [p for _, p in self._idle if p.poll() is None]
+        return sum(1 for process in idle if STANDBY_READY in process.log_head())
 
     def close(self) -> None:
         """Stop every idle standby. Idempotent."""

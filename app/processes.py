@@ -74,6 +74,13 @@ class ChildProcess:
     def poll(self) -> int | None:
         return self._popen.poll()
 
+    def log_head(self, size: int = 1 << 16) -> str:
+        try:
+            with open(self.log_file, "rb") as log:
+                return log.read(size).decode(errors="replace")
+        except OSError:
+            return ""
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])

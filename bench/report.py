@@ -92,7 +92,9 @@ def write_report(results: dict, path: Path, out: Path) -> None:
               "the engine process (a standby, vLLM already imported, when one is available), argument "
               "parsing, EngineCore's spawn and its import of torch and vLLM (about 7 s), model init, then the "
               "weights. Between *weights loaded* and *engine ready*: KV cache allocation, vLLM's profiling "
-              "run and warm-up, the HTTP server. The first replica cold-loads (seed).", "",
+              "run and warm-up, the HTTP server. The first replica cold-loads (seed) in a fresh process; before each "
+              "later step the benchmark waits until a standby engine process is warm, as a burst after a "
+              "quiet spell finds the App.", "",
               "Mapped replicas (`weights.cpu_mode: map`, the default on CPU):", ""] + table + [
               "", "Pulled replicas (`weights.cpu_mode: pull`, the copying path a GPU or NPU takes):", ""] + pull_table + [""]
     if mapped and "first_token" in mapped:

@@ -51,12 +51,6 @@ class DataSystemLoader(BaseModelLoader):
     def download_model(self, model_config: ModelConfig) -> None:
         self._disk.download_model(model_config)
 
-    def load_model(self, vllm_config, model_config: ModelConfig, prefix: str = "") -> nn.Module:
-        model = super().load_model(vllm_config, model_config, prefix)
-        if getattr(model, "_yrllm_mapped", None):
-            _keep_linear_weights_shared(model)
-        return model
-
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         plan, layout = self._plan, _current_layout()
         keys = WeightKeys(plan.fingerprint, layout)
@@ -214,33 +208,29 @@ def _as_tensor(view: memoryview, like: torch.Tensor) -> torch.Tensor:
 
 
 def _map(model: nn.Module, params: list[tuple[str, torch.Tensor]], views: list[memoryview]) -> None:
-    mapped = {}
-    for (name, param), view in zip(params, views):
-        param.data = mapped[name] = _as_tensor(view, param)
+    for (_, param), view in zip(params, views):
+        param.data = _as_tensor(view, param)
     model._yrllm_keepalive = views  # the memoryviews pin the shared memory the parameters now use
-    model._yrllm_mapped = mapped
+    _keep_linear_weights_shared(model, {name for name, _ in params})
 
 
-def _keep_linear_weights_shared(model: nn.Module) -> None:
-    """Undo vLLM's CPU weight prepacking for mapped linear layers.
+def _keep_linear_weights_shared(model: nn.Module, mapped: set[str]) -> None:
+    """Stop vLLM's CPU weight prepacking from copying mapped linear weights.
 
-    On CPUs with AVX-512, vLLM's CPU linear layers hand their weight to oneDNN, which keeps a private
-    repacked copy, and replace the parameter with an empty one (``dispatch_cpu_unquantized_gemm``).
-    For a mapped replica that would turn the one shared copy back into one private copy per replica.
-    We put the shared weight back and compute with ``torch.nn.functional.linear`` on it, which is
-    what vLLM itself falls back to where oneDNN is unavailable (AVX2 CPUs)."""
-    restored = 0
-    for name, shared in model._yrllm_mapped.items():
-        module_name, _, attribute = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        current = getattr(module, attribute, None)
-        if hasattr(module, "cpu_linear") and isinstance(current, torch.Tensor) and current.numel() == 0:
-            setattr(module, attribute, nn.Parameter(shared, requires_grad=False))
-            module.cpu_linear = torch.nn.functional.linear
-            restored += 1
-    if restored:
-        logger.info("Kept %d linear weights on the shared memory (vLLM's private CPU prepacking undone)",
-                    restored)
+    On CPUs with AVX-512, vLLM's CPU linear layers hand their weight to oneDNN after loading, which
+    keeps a private repacked copy and empties the parameter (``dispatch_cpu_unquantized_gemm``): one
+    private copy per replica instead of the shared one, and seconds of repacking at every start. vLLM
+    skips that for layers marked ``_cpu_skip_gemm_dispatch`` (its own flag, read by
+    ``UnquantizedLinearMethod``) and computes with ``torch.nn.functional.linear`` on the weight as it
+    is, which is what it does anyway where oneDNN is unavailable (AVX2 CPUs)."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    marked = 0
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase) and f"{name}.weight" in mapped:
+            module._cpu_skip_gemm_dispatch = True
+            marked += 1
+    logger.info("%d linear layers compute on the shared weights (no private CPU prepacking)", marked)
 
 
 def _pull(params: list[tuple[str, torch.Tensor]], views: list[memoryview]) -> None:
