@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import Counter, deque
 from concurrent.futures import Future
-from typing import Any, Callable, Literal
+from typing import Any, Awaitable, Callable, Literal
 
 import aiohttp
 from aiohttp import web
@@ -256,6 +256,9 @@ class RouterServer:
         except asyncio.CancelledError:
             status = CLIENT_CLOSED  # the client left; not a server error
             raise
+        except _ClientGone as gone:
+            status = CLIENT_CLOSED
+            return gone.response
         finally:
             self._metrics.requests.labels(route, str(status)).inc()
             self._metrics.latency.labels(route).observe(time.perf_counter() - started)
@@ -306,21 +309,21 @@ class RouterServer:
                         ttft = time.perf_counter() - started
                         self._metrics.first_byte.labels(route.value).observe(ttft)
                         self._first_bytes.append((time.time(), ttft))
-                        await response.prepare(request)
+                        await _to_client(response, response.prepare(request))
                         first = False
-                    await response.write(chunk)
+                    await _to_client(response, response.write(chunk))
                 if first:
-                    await response.prepare(request)
-                await response.write_eof()
+                    await _to_client(response, response.prepare(request))
+                await _to_client(response, response.write_eof())
                 return response
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             logger.warning("replica %s failed request %s: %r", replica, request_id, exc)
             if response is None or not response.prepared:
                 raise upstream_failed(repr(exc)) from None
             # Headers are gone; the only honest signal left for a stream is an error event.
-            await response.write(b"data: " + json.dumps(upstream_failed(repr(exc)).body()).encode()
-                                 + b"\n\n")
-            await response.write_eof()
+            await _to_client(response, response.write(
+                b"data: " + json.dumps(upstream_failed(repr(exc)).body()).encode() + b"\n\n"))
+            await _to_client(response, response.write_eof())
             return response
         finally:
             self._track(replica, -1)
@@ -363,6 +366,23 @@ class RouterServer:
             return ipaddress.ip_address(request.remote or "").is_loopback
         except ValueError:
             return False
+
+
+class _ClientGone(Exception):
+    """The client closed its connection while we were writing to it."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("client gone")
+        self.response = response
+
+
+async def _to_client(response: web.StreamResponse, operation: Awaitable[Any]) -> None:
+    # A failed write to the client is the client leaving, not the replica failing: it must not be
+    # caught as an upstream error below (aiohttp's reset error is also a ClientError).
+    try:
+        await operation
+    except ConnectionResetError:
+        raise _ClientGone(response) from None
 
 
 async def _as_coroutine(fn: Callable[..., None], *args: Any) -> None:

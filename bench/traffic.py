@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 #: (seconds, requests per second): idle, step up, spike, decay, idle.
-TRACE = [(10, 0.3), (20, 1.5), (20, 5.0), (20, 1.0), (40, 0.2)]
+TRACE = [(10, 0.5), (20, 2.0), (25, 8.0), (20, 1.0), (45, 0.2)]
 
 
 @dataclass
@@ -36,7 +36,7 @@ class RequestRecord:
 def send(client, model: str, record: RequestRecord) -> None:
     try:
         stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Tell me"}],
-                                                max_tokens=32, stream=True, temperature=0,
+                                                max_tokens=128, stream=True, temperature=0,
                                                 extra_body={"ignore_eos": True})
         for chunk in stream:
             if record.ttft is None and chunk.choices and chunk.choices[0].delta.content:
@@ -164,7 +164,7 @@ def main() -> None:
     (args.out / "traffic.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out)
     lines = ["# Bursty traffic: fixed vs autoscaled", "", f"Trace (seconds, requests/s): {TRACE}, time scale "
-             f"{args.scale}. Streaming chat, 32 tokens, demo model (tiny), float32.", "",
+             f"{args.scale}. Streaming chat, 128 tokens, demo model (tiny), float32.", "",
              "| run | requests | failed | capacity added (s after the step) | max ready | burst TTFT p50 | burst TTFT p99 |",
              "|---|---|---|---|---|---|---|"]
     for result in results:
