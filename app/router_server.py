@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 REQUEST_ID = "X-Request-Id"
 #: Recorded for requests whose client went away before the answer was complete (nginx's convention).
 CLIENT_CLOSED = 499
+_UPSTREAM_KEEPALIVE_S = 2.0
 _REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id", str)
 
 
@@ -156,8 +157,10 @@ class RouterServer:
         ])
         timeout = aiohttp.ClientTimeout(total=self._config.request_timeout_s, sock_connect=5)
         # No connection limit per host: the balancer, not the pool, decides how many go to a replica.
-        self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
-                                              auto_decompress=False)
+        # Idle connections are dropped before vLLM's server drops them (uvicorn's keep-alive is 5 s):
+        # otherwise a request can be sent on a connection the server is closing at that moment.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_UPSTREAM_KEEPALIVE_S)
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False)
         # handler_cancellation: a client that disconnects cancels its handler, which closes the
         # upstream connection, which makes vLLM abort the request instead of generating for nobody.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 #: (seconds, requests per second): idle, step up, spike, decay, idle.
-TRACE = [(10, 0.5), (20, 2.0), (25, 8.0), (20, 1.0), (45, 0.2)]
+TRACE = [(10, 0.5), (20, 2.0), (25, 8.0), (20, 1.0), (75, 0.2)]
 
 
 @dataclass
@@ -120,7 +120,7 @@ def run(autoscale: bool, scale: float) -> dict:
 
     overrides = {"router.port": 0, "engine.dtype": "float32", "engine.max_model_len": 512,
                  "autoscale.enabled": autoscale, "autoscale.min_replicas": 1, "autoscale.max_replicas": 3,
-                 "autoscale.target_in_flight": 3, "autoscale.quiet_period_s": 15 * scale}
+                 "autoscale.target_in_flight": 3, "autoscale.quiet_period_s": 10 * scale}
     with App(AppConfig.load(env={}, overrides=overrides)) as app:
         records, samples = replay(app.url, app.served_model_name, scale)
         decisions = app.status()["autoscale_decisions"]
