@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,6 @@ class EngineSpec(BaseModel):
 
     def server_args(self) -> list[str]:
         """The ``vllm serve`` flags for this engine."""
-        import json
-
         args = ["--model", str(self.model), "--served-model-name", self.served_model_name,
                 "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
                 "--distributed-executor-backend", "uni",

@@ -104,10 +104,10 @@ class WeightCache:
                     entry.readers.add(report.replica_id)
                 else:
                     self._abandon_locked(fingerprint, entry)
-            elif report.source is WeightSource.HOST:
-                self._stats.bytes_served += report.bytes
-            else:
+            elif report.source is WeightSource.DISK:
                 self._stats.fallbacks += 1
+            else:
+                self._stats.bytes_served += report.bytes
 
     def abandon(self, replica_id: str) -> None:
         """A planned replica never reported (its engine failed). If it was the seed, the entry goes,

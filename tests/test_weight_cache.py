@@ -121,3 +121,5 @@ def test_the_npu_tier_is_always_pulled(ds_worker):
     plan(cache, "s")
     follower = plan(cache, "f")
     assert (follower.kind, follower.tier) == (PlanKind.PULL, "npu")
+    cache.report(loaded("f", PlanKind.PULL, WeightSource.NPU, nbytes=2048))
+    assert cache.stats()["bytes_served"] == 2048 and cache.stats()["fallbacks"] == 0
