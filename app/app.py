@@ -116,8 +116,6 @@ class App:
     def shutdown(self) -> None:
         """Stop every replica, the Router, the runtime and the data system worker. Idempotent, and
         safe to call from a failed ``start``."""
-        import yr
-
         self._stopping.set()
         self.autoscale(None)
         with self._lock:
@@ -126,20 +124,10 @@ class App:
         for replica in replicas:
             self._stop_replica(replica)
         ENGINE_POOL.close()
-        if self._weight_cache is not None:
-            try:
-                yr.get(self._weight_cache.clear.invoke())
-                self._weight_cache.terminate()
-            except Exception:  # noqa: BLE001 - shutdown goes on
-                logger.exception("clearing the WeightCache failed")
-            self._weight_cache = None
-        if self._router is not None:
-            try:
-                yr.get(self._router.stop.invoke())
-                self._router.terminate()
-            except Exception:  # noqa: BLE001 - shutdown goes on
-                logger.exception("stopping the Router failed")
-            self._router = None
+        _finish_actor(self._weight_cache, "clear")  # frees the cached weights in the data system
+        self._weight_cache = None
+        _finish_actor(self._router, "stop")
+        self._router = None
         if self._control is not None:
             self._control.join(timeout=30)
             self._control = None
@@ -398,6 +386,19 @@ class App:
                                     "invalid_replicas").body()
         report = self.scale(target)
         return (200 if report.ok else 500), report.to_dict()
+
+
+def _finish_actor(actor: Any, last_call: str) -> None:
+    """Make the actor's ``last_call`` and terminate it; shutdown goes on whatever fails."""
+    import yr
+
+    if actor is None:
+        return
+    try:
+        yr.get(getattr(actor, last_call).invoke())
+        actor.terminate()
+    except Exception:  # noqa: BLE001 - shutdown goes on
+        logger.exception("the final %s of an actor failed", last_call)
 
 
 def _vllm_version() -> str:

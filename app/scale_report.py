@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -17,7 +17,7 @@ MILESTONES = ("requested", "actor_up", "weights_loaded", "engine_ready", "first_
 
 class ReplicaReport(BaseModel):
     replica_id: str
-    action: str = Field(description="'added' or 'removed'.")
+    action: Literal["added", "removed"]
     state: ReplicaState
     timeline: dict[str, float] = Field(default_factory=dict, description="Wall-clock time of each "
                                        "milestone (seconds since the epoch).")
