@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import yr
 
-from app.engine_spec import EngineSpec
+from app.engine.spec import EngineSpec
 
 
 @yr.instance

@@ -1,4 +1,4 @@
-"""Prefill actor: hosts one vLLM engine (see ``app.engine_host``).
+"""Prefill actor: hosts one vLLM engine (see ``app.engine.host``).
 
 In PD-merged mode (the default, the original case's PREFILL_INS_NUM=1, DECODE_INS_NUM=0) a Prefill
 replica serves whole requests. In disaggregated mode it would prefill and hand the KV cache to a
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import yr
 
-from app.engine_host import EngineHost
-from app.engine_spec import EngineSpec
+from app.engine.host import EngineHost
+from app.engine.spec import EngineSpec
 from app.replica import ReplicaInfo, Role
 from app.weights.load_report import LoadReport
 

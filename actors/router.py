@@ -1,4 +1,4 @@
-"""Router actor: the HTTP front door (see ``app.router_server``)."""
+"""Router actor: the HTTP front door (see ``app.router.server``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import yr
 
 from app.config import RouterConfig
 from app.replica import ReplicaInfo
-from app.router_server import RouterServer, ScaleRequest
+from app.router.scale_mailbox import ScaleRequest
+from app.router.server import RouterServer
 
 
 @yr.instance

@@ -1,5 +1,5 @@
 """WeightCache actor: owns the cached weights and answers how a new replica gets them
-(see ``app.weight_cache``)."""
+(see ``app.weights.cache``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yr
 
-from app.weight_cache import WeightCache as _WeightCache
+from app.weights.cache import WeightCache as _WeightCache
 from app.weights.identity import WeightIdentity
 from app.weights.load_report import LoadReport, PlanKind
 from app.weights.manifest import VerifyMode

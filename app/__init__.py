@@ -1,7 +1,9 @@
 """Elastic LLM serving on openYuanrong: ``from app import App, AppConfig``.
 
-The heavy parts (the yr SDK, the actors) are imported on first use, so that the libraries in this
-package (config, Router, weight plane) can be imported alone, by the actors and inside vLLM.
+The package is laid out by plane (``README.md``, "Layout"): ``control`` (the App), ``router``,
+``engine``, ``weights`` and ``runtime``, with the types they share (``config``, ``replica``) at the top.
+The App is imported on first use, so that the planes can be imported alone: by the actors and inside
+vLLM's processes.
 """
 
 from __future__ import annotations
@@ -9,24 +11,24 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from app.app import App
-    from app.config import AppConfig
-    from app.scale_report import ScaleReport
+    from app.config import AppConfig, AutoscaleConfig
+    from app.control.app import App
+    from app.control.scale_report import ScaleReport
 
-__all__ = ["App", "AppConfig", "ScaleReport"]
+__all__ = ["App", "AppConfig", "AutoscaleConfig", "ScaleReport"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "App":
-        from app.app import App
+        from app.control.app import App
 
         return App
-    if name == "AppConfig":
-        from app.config import AppConfig
+    if name in ("AppConfig", "AutoscaleConfig"):
+        from app import config
 
-        return AppConfig
+        return getattr(config, name)
     if name == "ScaleReport":
-        from app.scale_report import ScaleReport
+        from app.control.scale_report import ScaleReport
 
         return ScaleReport
     raise AttributeError(f"module 'app' has no attribute {name!r}")

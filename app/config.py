@@ -1,7 +1,7 @@
 """The one validated configuration of the App.
 
-Sources are applied in a fixed order, each overriding the one before:
-defaults < YAML file (``--config``) < environment variables < command-line flags.
+Sources, each overriding the one before (``app.config_sources`` reads them, pydantic-settings merges
+them): defaults < YAML file (``--config``) < environment variables < command-line flags.
 
 Environment variables are ``YRLLM_<SECTION>__<FIELD>`` (for example ``YRLLM_ROUTER__PORT=9100``);
 top-level fields are ``YRLLM_<FIELD>`` (``YRLLM_REPLICAS=2``). The openYuanrong variables
@@ -10,22 +10,17 @@ top-level fields are ``YRLLM_<FIELD>`` (``YRLLM_REPLICAS=2``). The openYuanrong 
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
-from app.autoscale_policy import AutoscaleConfig
+from app.config_sources import ENV_PREFIX, NESTED_DELIMITER, ConfigError, LoadInputs, sources_for, unflatten
 
-ENV_PREFIX = "YRLLM_"
-_NESTED = "__"
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the source."""
+#: The most replicas one App runs (a bound on config, scaling calls and HTTP scaling requests).
+MAX_REPLICAS = 64
 
 
 class _Section(BaseModel):
@@ -99,6 +94,27 @@ class WeightsConfig(_Section):
                             "fails a load in this long, and the replica loads from disk.")
 
 
+class AutoscaleConfig(_Section):
+    """Autoscaling knobs (section ``autoscale`` of AppConfig)."""
+
+    enabled: bool = Field(False, description="Follow the traffic (also --autoscale).")
+    min_replicas: int = Field(1, ge=0, description="Never fewer replicas than this.")
+    max_replicas: int = Field(4, ge=1, le=MAX_REPLICAS, description="Never more replicas than this.")
+    target_in_flight: float = Field(4.0, gt=0, description="Requests in flight per ready replica the "
+                                    "App aims for; above it is pressure.")
+    ttft_target_s: float | None = Field(None, gt=0, description="Median time to first token above "
+                                        "this is pressure too (unset: in-flight only).")
+    quiet_period_s: float = Field(30.0, ge=0, description="Scale down only after the load has fitted "
+                                  "in fewer replicas for this long.")
+    interval_s: float = Field(1.0, gt=0, description="Seconds between evaluations.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscaleConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
 class RuntimeMode(str, Enum):
     """Where the actors and the data system come from."""
 
@@ -141,14 +157,18 @@ class RuntimeConfig(_Section):
         return self
 
 
-class AppConfig(_Section):
+class AppConfig(BaseSettings):
     """Everything the App needs. Every field is documented; unknown keys are errors."""
+
+    model_config = SettingsConfigDict(extra="forbid", validate_assignment=True, frozen=True,
+                                      env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER,
+                                      env_parse_none_str="null")
 
     model: Path | None = Field(None, description="A local model directory vLLM supports. Unset: a small "
                                "demo Qwen2 model with RANDOM weights is built once and cached.")
     served_model_name: str | None = Field(None, description="The model name clients send. Defaults to "
                                           "the model directory's name.")
-    replicas: int = Field(1, ge=0, le=64, description="Replicas started by App.start().")
+    replicas: int = Field(1, ge=0, le=MAX_REPLICAS, description="Replicas started by App.start().")
     demo_cache_dir: Path = Field(Path.home() / ".cache" / "yrllm", description="Where the demo model "
                                  "is built and model content digests are cached.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
@@ -171,75 +191,28 @@ class AppConfig(_Section):
     @classmethod
     def load(cls, file: str | Path | None = None, env: Mapping[str, str] | None = None,
              overrides: Mapping[str, Any] | None = None) -> "AppConfig":
-        """Build the config from defaults < YAML ``file`` < ``env`` < ``overrides`` (CLI flags).
+        """Build the config from defaults < YAML ``file`` < ``env`` (``os.environ`` if None) <
+        ``overrides`` (CLI flags).
 
         ``overrides`` uses dotted names for sections (``{"router.port": 9100}``); ``None`` values are
         ignored so that unset CLI flags do not mask the other sources.
         """
-        env = os.environ if env is None else env
-        merged: dict[str, Any] = {}
-        sources: list[tuple[str, dict[str, Any]]] = []
-        if file is not None:
-            sources.append((f"config file {file}", _read_yaml(Path(file))))
-        sources.append(("environment", _from_env(env)))
-        sources.append(("command line", _unflatten({k: v for k, v in (overrides or {}).items()
-                                                    if v is not None})))
-        for _, source in sources:
-            _deep_merge(merged, source)
+        flags = unflatten({name: value for name, value in (overrides or {}).items() if value is not None})
         try:
-            return cls.model_validate(merged)
+            with LoadInputs(None if file is None else Path(file), env).active():
+                return cls(**flags)
         except ValidationError as exc:
             raise ConfigError(_describe(exc)) from None
+        except SettingsError as exc:
+            raise ConfigError(str(exc)) from None
 
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return data
-
-
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    # The original case's variables, kept so its instructions work unchanged.
-    if env.get("YR_SERVER_ADDRESS"):
-        flat["runtime.server_address"] = env["YR_SERVER_ADDRESS"]
-    if env.get("DS_WORKER_ADDR"):
-        flat["runtime.ds_address"] = env["DS_WORKER_ADDR"]
-    for name, value in env.items():
-        if name.startswith(ENV_PREFIX):
-            flat[name[len(ENV_PREFIX):].lower().replace(_NESTED, ".")] = _env_value(value)
-    return _unflatten(flat)
-
-
-def _env_value(value: str) -> Any:
-    # YAML scalars give lists and booleans from the environment (YRLLM_ENGINE__EXTRA_ARGS='[a, b]').
-    try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
-        return value
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for dotted, value in flat.items():
-        *parents, leaf = dotted.split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
-
-
-def _deep_merge(into: dict[str, Any], other: Mapping[str, Any]) -> None:
-    for key, value in other.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value)
-        else:
-            into[key] = value
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest priority first: keyword arguments (the command line, through load) beat the
+        # environment, which beats the YAML file. No .env file and no secrets directory are read.
+        return (init_settings, *sources_for(settings_cls))
 
 
 def _describe(exc: ValidationError) -> str:

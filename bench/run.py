@@ -23,8 +23,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from app.datasystem_worker import DataSystemWorker
-from app.demo_model import DemoShape, demo_model_dir
+from app.control.demo_model import DemoShape, demo_model_dir
+from app.runtime.datasystem_worker import DataSystemWorker
 from app.weights.load_report import LoadReport, PlanKind
 from app.weights.plan import LOAD_FORMAT, WeightPlan
 
@@ -167,7 +167,7 @@ def engine_phases(log_file: str) -> dict:
 
 def warm_standby(timeout_s: float = 120) -> None:
     """Scale as a burst would find the App after a quiet spell: with a standby engine process warm."""
-    from app.engine_pool import ENGINE_POOL
+    from app.engine.pool import ENGINE_POOL
 
     deadline = time.monotonic() + timeout_s
     while ENGINE_POOL.warm() < 1 and time.monotonic() < deadline:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 # Children that the App starts; anything else under the test process is none of the App's business.
-APP_PROCESS_MARKERS = ("datasystem_worker", "app.engine_main", "VLLM::EngineCore", "EngineCore")
+APP_PROCESS_MARKERS = ("datasystem_worker", "app.engine.main", "VLLM::EngineCore", "EngineCore")
 
 
 def test_cache_dir() -> Path:
@@ -70,7 +70,7 @@ def app_descendants() -> list[psutil.Process]:
 @pytest.fixture(scope="session")
 def ds_worker():
     """A data system worker of its own for the weight-plane tests (the App has another)."""
-    from app.datasystem_worker import DataSystemWorker
+    from app.runtime.datasystem_worker import DataSystemWorker
 
     worker = DataSystemWorker(512)
     worker.start()
@@ -82,7 +82,7 @@ def ds_worker():
 def model_dir(tmp_path_factory) -> Path:
     """A private copy of the demo model: tests may hide its weight files to prove that a replica
     read none of them."""
-    from app.demo_model import demo_model_dir
+    from app.control.demo_model import demo_model_dir
 
     copy = tmp_path_factory.mktemp("model") / "demo"
     shutil.copytree(demo_model_dir(test_cache_dir()), copy)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from app.autoscale_policy import AutoscaleConfig, AutoscalePolicy, Signals
-from app.config import AppConfig, ConfigError
+from app.config import AppConfig, AutoscaleConfig, ConfigError
+from app.control.autoscale_policy import AutoscalePolicy, Signals
 
 CONFIG = AutoscaleConfig(enabled=True, min_replicas=1, max_replicas=4, target_in_flight=4, quiet_period_s=10)
 

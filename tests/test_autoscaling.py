@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from app.autoscale_policy import AutoscaleConfig
+from app.config import AutoscaleConfig
 
 pytestmark = pytest.mark.engine
 

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from app.balancing import BalancingPolicy
+from app.router.balancing import BalancingPolicy
 
 
 def test_picks_the_replica_with_fewest_in_flight():

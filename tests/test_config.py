@@ -68,3 +68,27 @@ def test_unreadable_yaml_is_a_config_error(tmp_path):
         AppConfig.load(file, env={})
     with pytest.raises(ConfigError, match="cannot read"):
         AppConfig.load(tmp_path / "missing.yaml", env={})
+
+
+def test_an_unknown_variable_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match="replicaz"):
+        AppConfig.load(env={"YRLLM_REPLICAZ": "2"})
+    with pytest.raises(ConfigError, match=r"router\.prot"):
+        AppConfig.load(env={"YRLLM_ROUTER__PROT": "1"})
+
+
+def test_environment_values_null_sections_and_precedence_over_the_original_case_variables():
+    env = {"YRLLM_ENGINE__MAX_MODEL_LEN": "null", "YRLLM_ROUTER": "{port: 9100, host: 127.0.0.3}",
+           "YRLLM_SERVED_MODEL_NAME": "123", "YR_SERVER_ADDRESS": "10.0.0.1:31501",
+           "DS_WORKER_ADDR": "10.0.0.1:11373", "YRLLM_RUNTIME__DS_ADDRESS": "10.0.0.2:11373"}
+    config = AppConfig.load(env=env)
+    assert config.engine.max_model_len is None
+    assert (config.router.host, config.router.port) == ("127.0.0.3", 9100)  # a whole section as YAML
+    assert config.served_model_name == "123"  # strings stay strings
+    assert config.runtime.server_address == "10.0.0.1:31501"
+    assert config.runtime.ds_address == "10.0.0.2:11373"  # YRLLM_* is more specific, and wins
+
+
+def test_one_load_does_not_leak_into_the_next():
+    assert AppConfig.load(env={"YRLLM_REPLICAS": "3"}).replicas == 3
+    assert AppConfig.load(env={}).replicas == 1

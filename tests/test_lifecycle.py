@@ -22,8 +22,8 @@ import pytest
 from conftest import app_descendants, leftovers, test_cache_dir
 
 from app.config import AppConfig, ConfigError
-from app.datasystem_worker import DataSystemWorker
-from app.processes import port_open
+from app.runtime.datasystem_worker import DataSystemWorker
+from app.runtime.processes import port_open
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,7 @@ def test_data_system_worker_dies_with_a_killed_driver(tmp_path):
     # A driver that is SIGKILLed runs no cleanup at all; PR_SET_PDEATHSIG must take its worker down.
     script = textwrap.dedent("""
         import sys, time
-        from app.datasystem_worker import DataSystemWorker
+        from app.runtime.datasystem_worker import DataSystemWorker
         worker = DataSystemWorker(256)
         worker.start(timeout_s=60)
         print(worker.pid, flush=True)
@@ -144,7 +144,7 @@ def test_an_app_whose_engine_cannot_start_stops_everything(tmp_path):
         "router.port": 0, "engine.dtype": "float32", "engine.max_model_len": 512,
         "engine.kv_cache_gib": 1, "runtime.ds_shared_memory_mb": 256,
         "engine.extra_args": ["--no-such-vllm-flag"], "demo_cache_dir": str(test_cache_dir())})
-    from app.engine_pool import ENGINE_POOL
+    from app.engine.pool import ENGINE_POOL
 
     ENGINE_POOL.close()  # so that this App starts (and must stop) an engine process of its own
     app = App(config)
@@ -169,7 +169,7 @@ def test_an_app_whose_engine_cannot_start_stops_everything(tmp_path):
         watcher.join(5)
     assert "no-such-vllm-flag" in str(info.value), "the error carries the engine's own reason"
     assert any("datasystem_worker" in cmd for cmd in seen.values()), seen
-    assert any("app.engine_main" in cmd for cmd in seen.values()), seen
+    assert any("app.engine.main" in cmd for cmd in seen.values()), seen
     assert not leftovers(list(seen)), "a failed start left processes behind"
     assert not set(app_descendants()) - before
     app.shutdown()  # idempotent after a failed start

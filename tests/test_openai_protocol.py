@@ -2,7 +2,7 @@
 
 import pytest
 
-from app.openai_protocol import ApiError, Route, no_replica_ready, parse_request
+from app.router.openai_protocol import ApiError, Route, no_replica_ready, parse_request
 
 MODELS = {"demo"}
 

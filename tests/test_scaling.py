@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from app.engine_host import EngineHost
-from app.engine_spec import EngineSpec
-from app.processes import free_port
+from app.engine.host import EngineHost
+from app.engine.spec import EngineSpec
+from app.runtime.processes import free_port
 from app.weights.host_tier import HostTier
 from app.weights.identity import RankLayout, WeightKeys
 from app.weights.load_report import PlanKind, WeightSource
@@ -220,9 +220,8 @@ def start_engine(app, model_dir, model_name, tmp_path, kind, fingerprint, ds_add
 
 
 def test_a_missing_weight_cache_means_disk_with_the_reason(app):
-    from app.app import App
+    from app.control.weight_client import WeightCacheClient
 
-    orphan = App(app.config)
-    orphan._identity, orphan._weight_cache = app._identity, None  # the actor is gone
-    plan = orphan._weight_plan("r-x", Path("/tmp/r-x.json"))
+    gone = WeightCacheClient(None, app._weights.identity, app._runtime.ds_address)  # the actor is gone
+    plan = gone.plan("r-x", Path("/tmp/r-x.json"))
     assert plan.kind is PlanKind.DISK and plan.reason.startswith("WeightCache unavailable")

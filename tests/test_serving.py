@@ -18,9 +18,9 @@ import openai
 import pytest
 
 from app.config import RouterConfig
-from app.processes import free_port
 from app.replica import ReplicaInfo, ReplicaState
-from app.router_server import RouterServer
+from app.router.server import RouterServer
+from app.runtime.processes import free_port
 
 ENVELOPE_FIELDS = {"message", "type", "param", "code"}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.weight_cache import WeightCache
+from app.weights.cache import WeightCache
 from app.weights.host_tier import HostTier
 from app.weights.identity import RankLayout, WeightIdentity, WeightKeys
 from app.weights.load_report import LoadReport, PlanKind, WeightSource

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from app.datasystem_worker import DataSystemWorker
+from app.runtime.datasystem_worker import DataSystemWorker
 from app.weights.host_tier import HostTier, TierError
 from app.weights.identity import RankLayout, WeightKeys
 from app.weights.manifest import VerifyMode

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from app.processes import ChildProcess, free_port, port_open
+from app.runtime.processes import ChildProcess, free_port, port_open
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ import time
 import urllib.error
 import urllib.request
 
-from app.engine_pool import ENGINE_POOL
-from app.engine_spec import EngineSpec
-from app.processes import ChildProcess, free_port
+from app.engine.pool import ENGINE_POOL
+from app.engine.spec import EngineSpec
 from app.replica import ReplicaInfo, ReplicaState, Role
+from app.runtime.processes import ChildProcess, free_port
 from app.weights.load_report import LoadReport
 
 logger = logging.getLogger(__name__)

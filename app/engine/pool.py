@@ -2,7 +2,7 @@
 
 After the weights (mapped in under 0.1 s), a replica's start is dominated by processes importing
 torch and vLLM. An engine process imports its server first and only then reads its EngineSpec from
-stdin (``app.engine_main``), so the pool can keep ``size`` processes standing by, already imported;
+stdin (``app.engine.main``), so the pool can keep ``size`` processes standing by, already imported;
 a scale-out takes one and skips that import. The pool is refilled after a replica is ready (not
 while it starts: on a small machine the refill would compete for the same cores).
 
@@ -20,8 +20,8 @@ import threading
 from pathlib import Path
 from typing import Mapping
 
-from app.engine_main import STANDBY_READY
-from app.processes import ChildProcess
+from app.engine.main import STANDBY_READY
+from app.runtime.processes import ChildProcess
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +67,14 @@ class EnginePool:
 
     def _start(self, env: Mapping[str, str], log_dir: Path) -> ChildProcess:
         number = next(self._count)
-        return ChildProcess(f"engine process {number}", [sys.executable, "-m", "app.engine_main"],
+        return ChildProcess(f"engine process {number}", [sys.executable, "-m", "app.engine.main"],
                             log_dir / f"engine-process-{os.getpid()}-{number}.log",
                             env={**env, "PYTHONPATH": _project_root()}, stdin=True)
 
 
 def _project_root() -> str:
     # The engine process must import this project even when the driver was started from elsewhere.
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     existing = os.environ.get("PYTHONPATH")
     return f"{root}{os.pathsep}{existing}" if existing else root
 

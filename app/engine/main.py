@@ -1,6 +1,6 @@
 """Main of one engine process: vLLM's own OpenAI server, embedded, for one EngineSpec.
 
-Run as ``python -m app.engine_main`` by ``app.engine_pool``: it imports torch and vLLM's server first
+Run as ``python -m app.engine.main`` by ``app.engine.pool``: it imports torch and vLLM's server first
 (about 7 s on 2 cores), then reads its EngineSpec (one JSON line) from stdin. A process can therefore be
 started before the replica it will serve is requested (a standby), and the import is off the scale-out
 path. The server, its routes, streaming and errors are vLLM's; this module only turns a spec into
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from app.engine_spec import EngineSpec
+from app.engine.spec import EngineSpec
 
 #: Printed once the imports are done: the process is a warm standby from then on.
 STANDBY_READY = "yrllm: engine process ready for its spec"

@@ -12,30 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel
 
-
-class AutoscaleConfig(BaseModel):
-    """Autoscaling knobs (section ``autoscale`` of AppConfig)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = Field(False, description="Follow the traffic (also --autoscale).")
-    min_replicas: int = Field(1, ge=0, description="Never fewer replicas than this.")
-    max_replicas: int = Field(4, ge=1, le=64, description="Never more replicas than this.")
-    target_in_flight: float = Field(4.0, gt=0, description="Requests in flight per ready replica the "
-                                    "App aims for; above it is pressure.")
-    ttft_target_s: float | None = Field(None, gt=0, description="Median time to first token above "
-                                        "this is pressure too (unset: in-flight only).")
-    quiet_period_s: float = Field(30.0, ge=0, description="Scale down only after the load has fitted "
-                                  "in fewer replicas for this long.")
-    interval_s: float = Field(1.0, gt=0, description="Seconds between evaluations.")
-
-    @model_validator(mode="after")
-    def _bounds(self) -> "AutoscaleConfig":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
-        return self
+from app.config import AutoscaleConfig
 
 
 class Signals(BaseModel):

@@ -114,7 +114,7 @@ def _training_text(limit_bytes: int = 4 << 20) -> list[str]:
     return texts
 
 
-if __name__ == "__main__":  # python -m app.demo_model [shape] [cache_dir]
+if __name__ == "__main__":  # python -m app.control.demo_model [shape] [cache_dir]
     logging.basicConfig(level=logging.INFO)
     shape_arg = DemoShape(sys.argv[1]) if len(sys.argv) > 1 else DemoShape.TINY
     cache = Path(sys.argv[2]) if len(sys.argv) > 2 else Path.home() / ".cache" / "yrllm"

@@ -1,5 +1,6 @@
 """The Router's HTTP server: OpenAI routes proxied to engine replicas, health, metrics, status and the
-scaling endpoints.
+scaling endpoints. Its parts live beside it: ``replica_pool`` (who is routed to), ``proxy`` (the
+upstream side), ``scale_mailbox`` (scaling requests for the App), ``openai_protocol``, ``metrics``.
 
 It imports no vLLM and no torch, so it starts in well under a second. It runs its own asyncio loop;
 the methods marked *thread-safe* may be called from any thread (the Router actor's call threads).
@@ -11,22 +12,20 @@ import asyncio
 import ipaddress
 import json
 import logging
-import queue
 import secrets
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import Future
-from typing import Any, Awaitable, Callable, Literal
+from typing import Any, Callable
 
-import aiohttp
 from aiohttp import web
-from pydantic import BaseModel
 
-from app.balancing import BalancingPolicy
 from app.config import RouterConfig
-from app.openai_protocol import (
+from app.replica import ReplicaInfo
+from app.router.metrics import RouterMetrics
+from app.router.openai_protocol import (
     ApiError,
     ErrorType,
     Route,
@@ -34,62 +33,16 @@ from app.openai_protocol import (
     no_replica_ready,
     parse_request,
     unauthorized,
-    upstream_failed,
 )
-from app.replica import ReplicaInfo, ReplicaState
-from app.router_metrics import RouterMetrics
+from app.router.proxy import REQUEST_ID, ClientGone, Upstream
+from app.router.replica_pool import ReplicaPool
+from app.router.scale_mailbox import ScaleMailbox
 
 logger = logging.getLogger(__name__)
 
-REQUEST_ID = "X-Request-Id"
 #: Recorded for requests whose client went away before the answer was complete (nginx's convention).
 CLIENT_CLOSED = 499
-_UPSTREAM_KEEPALIVE_S = 2.0
 _REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id", str)
-
-
-class ScaleRequest(BaseModel):
-    """A scaling request that arrived over HTTP, waiting for the App (the controller) to carry it out."""
-
-    request_id: str
-    verb: Literal["scaleout", "scalein"]
-    body: dict[str, Any]
-
-
-class ScaleMailbox:
-    """Hands HTTP scaling requests to the App and its answers back.
-
-    The Router cannot call the App (the App is the driver, not an actor), so the App long-polls
-    ``take`` through an actor call and answers with ``finish``. This works the same in local mode
-    (threads) and cluster mode (processes)."""
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[ScaleRequest] = queue.Queue()
-        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-
-    async def submit(self, verb: str, body: dict[str, Any], timeout_s: float) -> tuple[int, dict[str, Any]]:
-        request = ScaleRequest(request_id=uuid.uuid4().hex, verb=verb, body=body)
-        future = asyncio.get_running_loop().create_future()
-        self._waiting[request.request_id] = (asyncio.get_running_loop(), future)
-        self._queue.put(request)
-        try:
-            return await asyncio.wait_for(future, timeout_s)
-        finally:
-            self._waiting.pop(request.request_id, None)
-
-    def take(self, timeout_s: float) -> ScaleRequest | None:
-        """Thread-safe."""
-        try:
-            return self._queue.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
-
-    def finish(self, request_id: str, status: int, body: dict[str, Any]) -> None:
-        """Thread-safe. An answer for a request whose client has gone is dropped."""
-        waiting = self._waiting.get(request_id)
-        if waiting is not None:
-            loop, future = waiting
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_result((status, body)))
 
 
 class RouterServer:
@@ -99,16 +52,14 @@ class RouterServer:
                  policy: str = "least_outstanding") -> None:
         self._config = config
         self._models = list(served_models)
-        self._policy = BalancingPolicy.create(policy)
-        self._replicas: dict[str, ReplicaInfo] = {}
-        self._in_flight: Counter[str] = Counter()
-        self._idle = asyncio.Condition()
         self._metrics = RouterMetrics()
+        self._pool = ReplicaPool(self._metrics, policy)
         self.scale_requests = ScaleMailbox()
         # (wall time, seconds to first byte) of recent proxied requests: the autoscaler's TTFT signal.
         self._first_bytes: deque[tuple[float, float]] = deque(maxlen=512)
         self._decisions: deque[dict[str, Any]] = deque(maxlen=20)
-        self._session: aiohttp.ClientSession | None = None
+        self._upstream = Upstream(config.request_timeout_s, self._metrics,
+                                  lambda ttft: self._first_bytes.append((time.time(), ttft)))
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -155,12 +106,7 @@ class RouterServer:
             web.post("/scaleout", self._scale),
             web.post("/scalein", self._scale),
         ])
-        timeout = aiohttp.ClientTimeout(total=self._config.request_timeout_s, sock_connect=5)
-        # No connection limit per host: the balancer, not the pool, decides how many go to a replica.
-        # Idle connections are dropped before vLLM's server drops them (uvicorn's keep-alive is 5 s):
-        # otherwise a request can be sent on a connection the server is closing at that moment.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_UPSTREAM_KEEPALIVE_S)
-        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False)
+        await self._upstream.open()
         # handler_cancellation: a client that disconnects cancels its handler, which closes the
         # upstream connection, which makes vLLM abort the request instead of generating for nobody.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -174,27 +120,25 @@ class RouterServer:
     async def _cleanup(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
+        await self._upstream.close()
 
     # ---- control plane (thread-safe) ---------------------------------------------------------------
 
     def update_replicas(self, replicas: list[ReplicaInfo]) -> None:
         """Replace the replica table. Thread-safe."""
-        self._call_in_loop(self._set_replicas, replicas)
+        self._call_in_loop(self._pool.replace, replicas)
 
     def drain(self, replica_id: str, timeout_s: float) -> bool:
         """Stop routing to a replica and wait until its in-flight requests are done. Thread-safe.
         Returns False if requests were still running after ``timeout_s``."""
         assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(self._drain(replica_id, timeout_s),
-                                                self._loop).result()
+        return asyncio.run_coroutine_threadsafe(self._pool.drain(replica_id, timeout_s), self._loop).result()
 
     def signals(self, window_s: float = 30.0) -> dict[str, Any]:
         """Load signals for the autoscaler. Thread-safe."""
         horizon = time.time() - window_s
         recent = sorted(ttft for at, ttft in list(self._first_bytes) if at >= horizon)
-        return {"ready": len(self._ready_ids()), "in_flight": sum(self._in_flight.values()),
+        return {"ready": len(self._pool.ready_ids()), "in_flight": self._pool.in_flight(),
                 "ttft_p50_s": recent[len(recent) // 2] if recent else None}
 
     def record_decision(self, decision: dict[str, Any]) -> None:
@@ -208,9 +152,8 @@ class RouterServer:
         return {
             "models": self._models,
             "autoscale_decisions": list(self._decisions),
-            "ready_replicas": len(self._ready_ids()),
-            "replicas": [{**info.model_dump(mode="json"), "in_flight": self._in_flight[rid]}
-                         for rid, info in sorted(self._replicas.items())],
+            "ready_replicas": len(self._pool.ready_ids()),
+            "replicas": self._pool.rows(),
         }
 
     def _call_in_loop(self, fn: Callable[..., None], *args: Any) -> None:
@@ -218,24 +161,6 @@ class RouterServer:
             fn(*args)
         else:
             asyncio.run_coroutine_threadsafe(_as_coroutine(fn, *args), self._loop).result()
-
-    def _set_replicas(self, replicas: list[ReplicaInfo]) -> None:
-        self._replicas = {info.replica_id: info for info in replicas}
-        by_state = Counter(info.state for info in replicas)
-        for state in ReplicaState:
-            self._metrics.replicas.labels(state.value).set(by_state[state])
-
-    async def _drain(self, replica_id: str, timeout_s: float) -> bool:
-        info = self._replicas.get(replica_id)
-        if info is not None:
-            self._replicas[replica_id] = info.model_copy(update={"state": ReplicaState.DRAINING})
-        async with self._idle:
-            try:
-                await asyncio.wait_for(self._idle.wait_for(lambda: self._in_flight[replica_id] == 0),
-                                       timeout_s)
-                return True
-            except asyncio.TimeoutError:
-                return False
 
     # ---- HTTP --------------------------------------------------------------------------------------
 
@@ -259,7 +184,7 @@ class RouterServer:
         except asyncio.CancelledError:
             status = CLIENT_CLOSED  # the client left; not a server error
             raise
-        except _ClientGone as gone:
+        except ClientGone as gone:
             status = CLIENT_CLOSED
             return gone.response
         finally:
@@ -270,12 +195,8 @@ class RouterServer:
         return web.json_response({"status": "ok"})
 
     async def _ready(self, request: web.Request) -> web.Response:
-        ready = len(self._ready_ids())
+        ready = len(self._pool.ready_ids())
         return web.json_response({"ready": ready > 0, "ready_replicas": ready}, status=200 if ready else 503)
-
-    def _ready_ids(self) -> list[str]:
-        return [rid for rid, info in self._replicas.items()
-                if info.state is ReplicaState.READY and info.url]
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
         return web.Response(body=self._metrics.render(), content_type="text/plain", charset="utf-8")
@@ -290,56 +211,12 @@ class RouterServer:
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
         route = Route(request.path)
         proxied = parse_request(route, await request.read(), set(self._models))
-        request_id = request[_REQUEST_ID_KEY]
-        replica = self._policy.select(self._ready_ids(), dict(self._in_flight))
+        replica = self._pool.pick()
         if replica is None:
             raise no_replica_ready()
-        url = f"{self._replicas[replica].url}{route.value}"
-        self._track(replica, +1)
-        started = time.perf_counter()
-        response: web.StreamResponse | None = None
-        try:
-            async with self._session.post(  # type: ignore[union-attr]
-                    url, data=proxied.encoded(),
-                    headers={"Content-Type": "application/json", REQUEST_ID: request_id}) as upstream:
-                headers = {REQUEST_ID: request_id}
-                if upstream.content_type:
-                    headers["Content-Type"] = upstream.headers.get("Content-Type", upstream.content_type)
-                response = web.StreamResponse(status=upstream.status, headers=headers)
-                first = True
-                async for chunk in upstream.content.iter_any():
-                    if first:
-                        ttft = time.perf_counter() - started
-                        self._metrics.first_byte.labels(route.value).observe(ttft)
-                        self._first_bytes.append((time.time(), ttft))
-                        await _to_client(response, response.prepare(request))
-                        first = False
-                    await _to_client(response, response.write(chunk))
-                if first:
-                    await _to_client(response, response.prepare(request))
-                await _to_client(response, response.write_eof())
-                return response
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            logger.warning("replica %s failed request %s: %r", replica, request_id, exc)
-            if response is None or not response.prepared:
-                raise upstream_failed(repr(exc)) from None
-            # Headers are gone; the only honest signal left for a stream is an error event.
-            await _to_client(response, response.write(
-                b"data: " + json.dumps(upstream_failed(repr(exc)).body()).encode() + b"\n\n"))
-            await _to_client(response, response.write_eof())
-            return response
-        finally:
-            self._track(replica, -1)
-
-    def _track(self, replica: str, delta: int) -> None:
-        self._in_flight[replica] += delta
-        self._metrics.in_flight.labels(replica).set(self._in_flight[replica])
-        if delta < 0:
-            asyncio.ensure_future(self._notify_idle())
-
-    async def _notify_idle(self) -> None:
-        async with self._idle:
-            self._idle.notify_all()
+        with self._pool.serving(replica.replica_id):
+            return await self._upstream.forward(request, route, proxied.encoded(), replica,
+                                                request[_REQUEST_ID_KEY])
 
     async def _scale(self, request: web.Request) -> web.Response:
         if not self._may_scale(request):
@@ -369,23 +246,6 @@ class RouterServer:
             return ipaddress.ip_address(request.remote or "").is_loopback
         except ValueError:
             return False
-
-
-class _ClientGone(Exception):
-    """The client closed its connection while we were writing to it."""
-
-    def __init__(self, response: web.StreamResponse) -> None:
-        super().__init__("client gone")
-        self.response = response
-
-
-async def _to_client(response: web.StreamResponse, operation: Awaitable[Any]) -> None:
-    # A failed write to the client is the client leaving, not the replica failing: it must not be
-    # caught as an upstream error below (aiohttp's reset error is also a ClientError).
-    try:
-        await operation
-    except ConnectionResetError:
-        raise _ClientGone(response) from None
 
 
 async def _as_coroutine(fn: Callable[..., None], *args: Any) -> None:

@@ -7,7 +7,7 @@ import logging
 import threading
 
 from app.config import RuntimeConfig, RuntimeMode
-from app.datasystem_worker import DataSystemWorker
+from app.runtime.datasystem_worker import DataSystemWorker
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,129 @@
+"""Where configuration values come from, as pydantic-settings sources: the YAML file, the ``YRLLM_*``
+variables and the original case's ``YR_SERVER_ADDRESS`` / ``DS_WORKER_ADDR``. pydantic-settings
+merges them (nested sections field by field) in the order ``AppConfig`` gives.
+
+pydantic-settings builds its sources in a classmethod that takes no per-call arguments, so the file
+and the environment of one ``AppConfig.load`` call reach the sources through a context variable
+(``LoadInputs.active``): two loads in two threads never see each other's inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import yaml
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, InitSettingsSource, PydanticBaseSettingsSource
+from pydantic_settings.sources.utils import parse_env_vars
+
+ENV_PREFIX = "YRLLM_"
+NESTED_DELIMITER = "__"
+#: The original case's variables (its deployment scripts set them) and the fields they fill.
+ORIGINAL_CASE_VARIABLES = {"YR_SERVER_ADDRESS": "server_address", "DS_WORKER_ADDR": "ds_address"}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class LoadInputs:
+    """The per-call inputs of one ``AppConfig.load``: the YAML file and the environment."""
+
+    file: Path | None = None
+    env: Mapping[str, str] | None = None  # None: os.environ
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        token = _INPUTS.set(self)
+        try:
+            yield
+        finally:
+            _INPUTS.reset(token)
+
+
+_INPUTS: ContextVar[LoadInputs] = ContextVar("yrllm_config_inputs", default=LoadInputs())
+
+
+def sources_for(settings_cls: type[BaseSettings]) -> tuple[PydanticBaseSettingsSource, ...]:
+    """The sources below the command line, highest priority first."""
+    inputs = _INPUTS.get()
+    env = os.environ if inputs.env is None else inputs.env
+    return (_Environment(settings_cls, env), _OriginalCaseVariables(settings_cls, env),
+            _YamlFile(settings_cls, inputs.file))
+
+
+class _Environment(EnvSettingsSource):
+    """``YRLLM_<FIELD>`` and ``YRLLM_<SECTION>__<FIELD>``, case-insensitive.
+
+    Lists and sections are read as YAML, a superset of JSON, so a shell can say
+    ``YRLLM_ENGINE__EXTRA_ARGS='[--max-num-seqs, 8]'``. A ``YRLLM_`` variable that names no field is
+    kept, so that validation rejects it: a typo is an error here as it is in the file."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.env_vars = parse_env_vars(env, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo | None, value: Any) -> Any:
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{field_name}: not YAML or JSON: {exc}") from None
+
+    def __call__(self) -> dict[str, Any]:
+        values = super().__call__()
+        prefix, fields = ENV_PREFIX.lower(), self.settings_cls.model_fields
+        unknown = {name[len(prefix):].replace(NESTED_DELIMITER, "."): value
+                   for name, value in self.env_vars.items()
+                   if name.startswith(prefix) and name[len(prefix):].split(NESTED_DELIMITER)[0] not in fields}
+        return {**unflatten(unknown), **values}
+
+
+class _OriginalCaseVariables(PydanticBaseSettingsSource):
+    """``YR_SERVER_ADDRESS`` and ``DS_WORKER_ADDR``, kept so that the original case's instructions work
+    unchanged. The ``YRLLM_RUNTIME__*`` variables, more specific, win over them."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self._runtime = {field: env[name] for name, field in ORIGINAL_CASE_VARIABLES.items() if env.get(name)}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._runtime if field_name == "runtime" else None, field_name, True
+
+    def __call__(self) -> dict[str, Any]:
+        return {"runtime": dict(self._runtime)} if self._runtime else {}
+
+
+class _YamlFile(InitSettingsSource):
+    """The ``--config`` file: a YAML mapping of fields and sections. A file that is missing, unreadable
+    or not a mapping is an error, not an empty source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], file: Path | None) -> None:
+        super().__init__(settings_cls, {} if file is None else _read_yaml(file))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"router.port": 1}`` -> ``{"router": {"port": 1}}``."""
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested

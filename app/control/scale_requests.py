@@ -1,0 +1,61 @@
+"""Scaling requests that arrive over HTTP (``POST /scaleout``, ``/scalein``): the Router cannot call
+the App (the App is the driver, not an actor), so a thread of the App long-polls the Router's
+mailbox, carries each request out through the Scaler and hands the answer back."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from app.config import MAX_REPLICAS
+from app.control.scaling import Scaler
+from app.router.openai_protocol import bad_request
+
+logger = logging.getLogger(__name__)
+
+
+class ScaleRequestServer:
+    def __init__(self, router: Any, scaler: Scaler) -> None:
+        self._router = router
+        self._scaler = scaler
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="app-scale-requests", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout=timeout_s)
+
+    def _run(self) -> None:
+        import yr
+
+        while not self._stop.is_set():
+            try:
+                request = yr.get(self._router.next_scale_request.invoke(1.0), timeout=30)
+            except Exception:  # noqa: BLE001 - the Router is going away
+                if self._stop.is_set():
+                    return
+                logger.exception("polling the Router for scaling requests failed")
+                time.sleep(1)
+                continue
+            if request is None:
+                continue
+            status, body = self.answer(request.verb, request.body)
+            yr.get(self._router.finish_scale_request.invoke(request.request_id, status, body))
+
+    def answer(self, verb: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """HTTP status and body for one request; a bad request changes nothing."""
+        current = self._scaler.count
+        target = body.get("replicas", current + 1 if verb == "scaleout" else current - 1)
+        if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target <= MAX_REPLICAS:
+            return 400, bad_request(f"'replicas' must be an integer between 0 and {MAX_REPLICAS}.", "replicas",
+                                    "invalid_replicas").body()
+        if (verb == "scaleout" and target < current) or (verb == "scalein" and target > current):
+            return 400, bad_request(f"{verb} to {target} replicas, but {current} are running.", "replicas",
+                                    "invalid_replicas").body()
+        report = self._scaler.scale(target)
+        return (200 if report.ok else 500), report.to_dict()

@@ -1,0 +1,222 @@
+"""The replica set and the scalings that change it, one at a time.
+
+Scale-out: per new replica, a weight plan from the WeightCache, a ``Prefill`` actor started with it,
+a first token, then the Router routes to it. New replicas start in parallel. Scale-in: the replica
+leaves the Router's pool, its in-flight requests finish (drain), then it stops. Every scaling
+answers with a ``ScaleReport``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from app.config import MAX_REPLICAS
+from app.control.scale_report import ReplicaReport, ScaleReport
+from app.control.weight_client import WeightCacheClient
+from app.engine.spec import EngineSpec
+from app.replica import ReplicaInfo, ReplicaState
+from app.weights.load_report import LoadReport
+from app.weights.plan import LOAD_FORMAT
+
+logger = logging.getLogger(__name__)
+
+# Replicas leave in this order on scale-in: those that cannot serve first, then the newest.
+_SCALE_IN_ORDER = {ReplicaState.FAILED: 0, ReplicaState.PENDING: 1, ReplicaState.LOADING: 2,
+                   ReplicaState.DRAINING: 3, ReplicaState.READY: 4}
+
+
+@dataclass
+class _Replica:
+    replica_id: str
+    actor: Any  # the Prefill actor's handle
+    info: ReplicaInfo
+    seq: int
+
+
+class Scaler:
+    """Owns the replicas. ``scale`` waits for its turn; ``scale_if_idle`` does not (the autoscaler)."""
+
+    def __init__(self, new_spec: Callable[[str], EngineSpec], router: Any, weights: WeightCacheClient | None,
+                 drain_timeout_s: float) -> None:
+        self._new_spec = new_spec  # replica id -> its EngineSpec
+        self._router = router
+        self._weights = weights  # None: weights.enabled is off, vLLM's own loader
+        self._drain_timeout_s = drain_timeout_s
+        self._replicas: dict[str, _Replica] = {}
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()  # guards _replicas
+        self._turn = threading.Lock()  # one scaling at a time
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self._replicas)
+
+    @property
+    def busy(self) -> bool:
+        return self._turn.locked()
+
+    def scale(self, replicas: int) -> ScaleReport:
+        """Set the number of replicas. Returns when the new replicas serve (or failed) and removed
+        replicas have finished their in-flight requests and stopped."""
+        _check_count(replicas)
+        with self._turn:
+            return self._scale(replicas)
+
+    def scale_if_idle(self, replicas: int, on_turn: Callable[[], None]) -> ScaleReport | None:
+        """As ``scale``, unless a scaling is under way: then None at once. ``on_turn`` runs once the
+        turn is taken, before anything changes."""
+        _check_count(replicas)
+        if not self._turn.acquire(blocking=False):
+            return None
+        try:
+            on_turn()
+            return self._scale(replicas)
+        finally:
+            self._turn.release()
+
+    def stop_all(self) -> None:
+        """Stop every replica at once, without draining (shutdown)."""
+        with self._lock:
+            replicas = list(self._replicas.values())
+            self._replicas.clear()
+        for replica in replicas:
+            self._stop(replica)
+
+    def _scale(self, replicas: int) -> ScaleReport:
+        started = time.time()
+        before = self.count
+        if replicas > before:
+            with ThreadPoolExecutor(max_workers=replicas - before, thread_name_prefix="scale-out") as pool:
+                reports = list(pool.map(lambda _: self._add(), range(replicas - before)))
+        else:
+            reports = self._remove(before - replicas)
+        with self._lock:
+            after = sum(1 for r in self._replicas.values() if r.info.state is ReplicaState.READY)
+        report = ScaleReport(requested_replicas=replicas, replicas_before=before, replicas_after=after,
+                             seconds=round(time.time() - started, 3), replicas=reports)
+        logger.info("%s", report)
+        return report
+
+    # ---- scale-out -----------------------------------------------------------------------------------
+
+    def _add(self) -> ReplicaReport:
+        import yr
+
+        from actors.prefill import Prefill
+
+        requested = time.time()
+        seq = next(self._seq)
+        replica_id = f"r{seq}"
+        spec = self._new_spec(replica_id)
+        if self._weights is not None:
+            plan = self._weights.plan(replica_id, spec.load_report_path)
+            spec = spec.model_copy(update={"load_format": LOAD_FORMAT,
+                                           "loader_extra_config": plan.model_dump(mode="json")})
+        actor = Prefill.options(yr.InvokeOptions(concurrency=4)).invoke(spec)
+        replica = _Replica(replica_id, actor, ReplicaInfo(replica_id=replica_id, state=ReplicaState.LOADING), seq)
+        with self._lock:
+            self._replicas[replica_id] = replica
+        self._publish()  # visible as loading in /status; routed to once ready
+        error = None
+        try:
+            # No yr.get timeout: in local mode it returns None instead of raising. The engine host
+            # enforces engine.start_timeout_s itself.
+            replica.info = yr.get(actor.start.invoke())
+            yr.get(actor.first_token.invoke())
+        except Exception as exc:  # noqa: BLE001 - reported, and the replica is removed
+            error = f"{type(exc).__name__}: {exc}"
+            logger.error("replica %s failed to start: %s", replica_id, error)
+        timeline = {"requested": requested, **_timeline(actor)}
+        weights = self._settle_weights(actor, replica_id, failed=error is not None)
+        if weights is not None:
+            timeline["weights_loaded"] = weights.finished_at
+        if error is not None:
+            self._stop(replica)
+            with self._lock:
+                self._replicas.pop(replica_id, None)
+            state = ReplicaState.FAILED
+        else:
+            self._publish()
+            state = replica.info.state
+        return ReplicaReport(replica_id=replica_id, action="added", state=state, timeline=timeline,
+                             weights=weights, error=error)
+
+    def _settle_weights(self, actor: Any, replica_id: str, failed: bool) -> LoadReport | None:
+        import yr
+
+        try:
+            report = yr.get(actor.load_report.invoke())
+        except Exception:  # noqa: BLE001 - the report is informative; serving goes on without it
+            logger.exception("could not collect the load report of %s", replica_id)
+            report = None
+        if self._weights is not None:
+            self._weights.settle(replica_id, report, failed)
+        return report
+
+    # ---- scale-in ------------------------------------------------------------------------------------
+
+    def _remove(self, count: int) -> list[ReplicaReport]:
+        import yr
+
+        with self._lock:
+            victims = sorted(self._replicas.values(),
+                             key=lambda r: (_SCALE_IN_ORDER[r.info.state], -r.seq))[:count]
+        reports = []
+        for replica in victims:
+            requested = time.time()
+            replica.info = replica.info.model_copy(update={"state": ReplicaState.DRAINING})
+            drained = yr.get(self._router.drain.invoke(replica.replica_id, self._drain_timeout_s))
+            drained_at = time.time()
+            self._stop(replica)
+            with self._lock:
+                del self._replicas[replica.replica_id]
+            self._publish()
+            reports.append(ReplicaReport(
+                replica_id=replica.replica_id, action="removed", state=ReplicaState.STOPPED,
+                timeline={"requested": requested, "drained": drained_at, "stopped": time.time()},
+                error=None if drained else f"in-flight requests did not finish within "
+                                           f"{self._drain_timeout_s:.0f} s"))
+        return reports
+
+    def _stop(self, replica: _Replica) -> None:
+        import yr
+
+        if self._weights is not None:
+            self._weights.release(replica.replica_id)
+        try:
+            yr.get(replica.actor.stop.invoke(), timeout=120)
+        except Exception:  # noqa: BLE001 - the actor is terminated below regardless
+            logger.exception("stopping replica %s failed", replica.replica_id)
+        try:
+            replica.actor.terminate()
+        except Exception:  # noqa: BLE001
+            logger.exception("terminating replica %s failed", replica.replica_id)
+
+    def _publish(self) -> None:
+        """Hand the replica table to the Router."""
+        import yr
+
+        with self._lock:
+            infos = [r.info for r in self._replicas.values()]
+        yr.get(self._router.update_replicas.invoke(infos))
+
+
+def _check_count(replicas: int) -> None:
+    if not 0 <= replicas <= MAX_REPLICAS:
+        raise ValueError(f"replicas must be between 0 and {MAX_REPLICAS}, got {replicas}")
+
+
+def _timeline(actor: Any) -> dict[str, float]:
+    import yr
+
+    try:
+        return yr.get(actor.timeline.invoke(), timeout=30)
+    except Exception:  # noqa: BLE001 - a dead actor has no timeline to give
+        return {}

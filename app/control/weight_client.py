@@ -1,0 +1,59 @@
+"""The App's side of the WeightCache actor: a plan for each new replica, its load report afterwards,
+its release when it stops. If the WeightCache cannot answer, a replica loads from disk and says why:
+a missing cache costs speed, never a replica."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from app.weights.identity import WeightIdentity
+from app.weights.load_report import LoadReport, PlanKind
+from app.weights.plan import WeightPlan
+
+logger = logging.getLogger(__name__)
+
+
+class WeightCacheClient:
+    def __init__(self, cache: Any, identity: WeightIdentity, ds_address: str) -> None:
+        self._cache = cache  # the WeightCache actor's handle
+        self.identity = identity
+        self._ds_address = ds_address
+
+    def plan(self, replica_id: str, report_path: Path) -> WeightPlan:
+        import yr
+
+        try:
+            return yr.get(self._cache.plan.invoke(self.identity, replica_id, report_path))
+        except Exception as exc:  # noqa: BLE001 - the replica still starts, from disk
+            logger.warning("the WeightCache could not plan %s (%s); it loads from disk", replica_id, exc)
+            return WeightPlan(kind=PlanKind.DISK, replica_id=replica_id, fingerprint=self.identity.fingerprint,
+                              ds_address=self._ds_address, report_path=report_path,
+                              reason=f"WeightCache unavailable: {type(exc).__name__}: {exc}")
+
+    def settle(self, replica_id: str, report: LoadReport | None, failed: bool) -> None:
+        """Tell the cache how the replica's load went: its report, or that it never became a replica
+        (a failed seed is then abandoned and the next replica seeds again)."""
+        import yr
+
+        try:
+            if failed or report is None:
+                yr.get(self._cache.abandon.invoke(replica_id))
+            else:
+                yr.get(self._cache.report.invoke(report))
+        except Exception:  # noqa: BLE001 - bookkeeping; serving goes on without it
+            logger.exception("could not report %s's weight load to the WeightCache", replica_id)
+
+    def release(self, replica_id: str) -> None:
+        import yr
+
+        try:
+            yr.get(self._cache.release.invoke(replica_id))
+        except Exception:  # noqa: BLE001 - the replica is stopped regardless
+            logger.exception("releasing %s's weights failed", replica_id)
+
+    def stats(self) -> dict[str, object]:
+        import yr
+
+        return yr.get(self._cache.stats.invoke())

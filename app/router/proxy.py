@@ -1,0 +1,102 @@
+"""The Router's client side: one connection pool to every replica, and forwarding one request to one
+replica with its answer streamed back to the client as it arrives (SSE chunks are passed through
+untouched)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from app.replica import ReplicaInfo
+from app.router.metrics import RouterMetrics
+from app.router.openai_protocol import Route, upstream_failed
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID = "X-Request-Id"
+# Idle connections are dropped before vLLM's server drops them (uvicorn's keep-alive is 5 s):
+# otherwise a request can be sent on a connection the server is closing at that moment.
+_UPSTREAM_KEEPALIVE_S = 2.0
+
+
+class ClientGone(Exception):
+    """The client closed its connection while we were writing to it."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("client gone")
+        self.response = response
+
+
+class Upstream:
+    """``open`` and ``close`` on the Router's event loop; ``forward`` per request."""
+
+    def __init__(self, request_timeout_s: float, metrics: RouterMetrics,
+                 on_first_byte: Callable[[float], None]) -> None:
+        self._request_timeout_s = request_timeout_s
+        self._metrics = metrics
+        self._on_first_byte = on_first_byte  # seconds from request to the replica's first byte
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=self._request_timeout_s, sock_connect=5)
+        # No connection limit per host: the balancer, not the pool, decides how many go to a replica.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_UPSTREAM_KEEPALIVE_S)
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def forward(self, request: web.Request, route: Route, body: bytes, replica: ReplicaInfo,
+                      request_id: str) -> web.StreamResponse:
+        """Send ``body`` to ``replica`` and stream its answer back. A replica that fails before the
+        answer started is a 502 (``ApiError``); one that fails mid-stream ends the stream with an
+        OpenAI error event, the status line being already sent."""
+        assert self._session is not None, "Upstream.open() first"
+        started = time.perf_counter()
+        response: web.StreamResponse | None = None
+        try:
+            async with self._session.post(
+                    f"{replica.url}{route.value}", data=body,
+                    headers={"Content-Type": "application/json", REQUEST_ID: request_id}) as upstream:
+                headers = {REQUEST_ID: request_id}
+                if upstream.content_type:
+                    headers["Content-Type"] = upstream.headers.get("Content-Type", upstream.content_type)
+                response = web.StreamResponse(status=upstream.status, headers=headers)
+                first = True
+                async for chunk in upstream.content.iter_any():
+                    if first:
+                        ttft = time.perf_counter() - started
+                        self._metrics.first_byte.labels(route.value).observe(ttft)
+                        self._on_first_byte(ttft)
+                        await _to_client(response, response.prepare(request))
+                        first = False
+                    await _to_client(response, response.write(chunk))
+                if first:
+                    await _to_client(response, response.prepare(request))
+                await _to_client(response, response.write_eof())
+                return response
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            logger.warning("replica %s failed request %s: %r", replica.replica_id, request_id, exc)
+            if response is None or not response.prepared:
+                raise upstream_failed(repr(exc)) from None
+            # Headers are gone; the only honest signal left for a stream is an error event.
+            await _to_client(response, response.write(
+                b"data: " + json.dumps(upstream_failed(repr(exc)).body()).encode() + b"\n\n"))
+            await _to_client(response, response.write_eof())
+            return response
+
+
+async def _to_client(response: web.StreamResponse, operation: Awaitable[Any]) -> None:
+    # A failed write to the client is the client leaving, not the replica failing: it must not be
+    # caught as an upstream error above (aiohttp's reset error is also a ClientError).
+    try:
+        await operation
+    except ConnectionResetError:
+        raise ClientGone(response) from None
