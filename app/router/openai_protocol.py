@@ -32,7 +32,9 @@ class ErrorType(str, Enum):
     UPSTREAM = "upstream_error"
 
 
-@dataclass(frozen=True)
+# Not frozen: Python sets an exception's __traceback__ as it travels (contextlib's __exit__ among
+# others), which a frozen dataclass refuses.
+@dataclass(eq=False)
 class ApiError(Exception):
     """An error answered to the client in OpenAI's envelope."""
 

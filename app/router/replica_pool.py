@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from app.replica import ReplicaInfo, ReplicaState
 from app.router.balancing import BalancingPolicy
@@ -49,15 +48,13 @@ class ReplicaPool:
         chosen = self._policy.select(self.ready_ids(), dict(self._in_flight))
         return None if chosen is None else self._replicas[chosen]
 
-    @contextmanager
-    def serving(self, replica_id: str) -> Iterator[None]:
-        """Count one request in flight on ``replica_id`` for the duration of the block."""
+    def started(self, replica_id: str) -> None:
+        """A request went to ``replica_id``; ``finished`` must follow, whatever happens."""
         self._track(replica_id, +1)
-        try:
-            yield
-        finally:
-            self._track(replica_id, -1)
-            asyncio.ensure_future(self._notify_idle())
+
+    def finished(self, replica_id: str) -> None:
+        self._track(replica_id, -1)
+        asyncio.ensure_future(self._notify_idle())
 
     async def drain(self, replica_id: str, timeout_s: float) -> bool:
         """Stop routing to a replica and wait until its in-flight requests are done. Returns False if

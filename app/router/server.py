@@ -214,9 +214,12 @@ class RouterServer:
         replica = self._pool.pick()
         if replica is None:
             raise no_replica_ready()
-        with self._pool.serving(replica.replica_id):
+        self._pool.started(replica.replica_id)
+        try:
             return await self._upstream.forward(request, route, proxied.encoded(), replica,
                                                 request[_REQUEST_ID_KEY])
+        finally:
+            self._pool.finished(replica.replica_id)
 
     async def _scale(self, request: web.Request) -> web.Response:
         if not self._may_scale(request):
