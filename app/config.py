@@ -203,8 +203,8 @@ class AppConfig(BaseSettings):
                 return cls(**flags)
         except ValidationError as exc:
             raise ConfigError(_describe(exc)) from None
-        except SettingsError as exc:
-            raise ConfigError(str(exc)) from None
+        except SettingsError as exc:  # a value that could not be decoded (YAML or JSON)
+            raise ConfigError(f"invalid configuration: {exc}: {exc.__cause__}") from None
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -54,11 +54,11 @@ def sources_for(settings_cls: type[BaseSettings]) -> tuple[PydanticBaseSettingsS
     """The sources below the command line, highest priority first."""
     inputs = _INPUTS.get()
     env = os.environ if inputs.env is None else inputs.env
-    return (_Environment(settings_cls, env), _OriginalCaseVariables(settings_cls, env),
-            _YamlFile(settings_cls, inputs.file))
+    return (Environment(settings_cls, env), OriginalCaseVariables(settings_cls, env),
+            YamlFile(settings_cls, inputs.file))
 
 
-class _Environment(EnvSettingsSource):
+class Environment(EnvSettingsSource):
     """``YRLLM_<FIELD>`` and ``YRLLM_<SECTION>__<FIELD>``, case-insensitive.
 
     Lists and sections are read as YAML, a superset of JSON, so a shell can say
@@ -84,7 +84,7 @@ class _Environment(EnvSettingsSource):
         return {**unflatten(unknown), **values}
 
 
-class _OriginalCaseVariables(PydanticBaseSettingsSource):
+class OriginalCaseVariables(PydanticBaseSettingsSource):
     """``YR_SERVER_ADDRESS`` and ``DS_WORKER_ADDR``, kept so that the original case's instructions work
     unchanged. The ``YRLLM_RUNTIME__*`` variables, more specific, win over them."""
 
@@ -99,7 +99,7 @@ class _OriginalCaseVariables(PydanticBaseSettingsSource):
         return {"runtime": dict(self._runtime)} if self._runtime else {}
 
 
-class _YamlFile(InitSettingsSource):
+class YamlFile(InitSettingsSource):
     """The ``--config`` file: a YAML mapping of fields and sections. A file that is missing, unreadable
     or not a mapping is an error, not an empty source."""
 

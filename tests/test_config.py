@@ -92,3 +92,8 @@ def test_environment_values_null_sections_and_precedence_over_the_original_case_
 def test_one_load_does_not_leak_into_the_next():
     assert AppConfig.load(env={"YRLLM_REPLICAS": "3"}).replicas == 3
     assert AppConfig.load(env={}).replicas == 1
+
+
+def test_an_undecodable_environment_value_names_the_field():
+    with pytest.raises(ConfigError, match="extra_args: not YAML or JSON"):
+        AppConfig.load(env={"YRLLM_ENGINE__EXTRA_ARGS": "[unclosed"})
