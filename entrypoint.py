@@ -26,7 +26,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, object]]:
         "--replicas": ("replicas", int, "Replicas to start (default 1)."),
         "--dtype": ("engine.dtype", str, "auto, float32, bfloat16 or float16."),
         "--max-model-len": ("engine.max_model_len", int, "Context length."),
-        "--kv-cache-gib": ("engine.kv_cache_gib", int, "CPU KV cache per engine, whole GiB."),
+        "--kv-cache-gib": ("engine.kv_cache_gib", float, "CPU KV cache per engine in GiB (fractions allowed)."),
         "--log-level": ("log_level", str, "DEBUG, INFO, WARNING or ERROR."),
     }
     for flag, (_, kind, help_text) in flags.items():

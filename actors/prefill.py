@@ -10,6 +10,7 @@ from __future__ import annotations
 import yr
 
 from app.engine.host import EngineHost
+from app.engine.launch_report import LaunchReport
 from app.engine.spec import EngineSpec
 from app.replica import ReplicaInfo, Role
 from app.weights.load_report import LoadReport
@@ -30,6 +31,9 @@ class Prefill:
 
     def check_health(self) -> None:
         self._host.check_health()
+
+    def launch_report(self) -> LaunchReport | None:
+        return self._host.launch_report()
 
     def load_report(self) -> LoadReport | None:
         return self._host.load_report()

@@ -59,9 +59,10 @@ class EngineConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight and activation dtype. float32 is fastest on CPUs without AVX-512 BF16.")
     max_model_len: int | None = Field(None, gt=0, description="Context length; the model's own if unset.")
-    kv_cache_gib: int = Field(1, ge=1, description="CPU KV cache per engine in whole GiB "
-                              "(VLLM_CPU_KVCACHE_SPACE, which vLLM reads as an integer). Unset, vLLM "
-                              "would take most of the RAM.")
+    kv_cache_gib: float = Field(0.25, gt=0, description="CPU KV cache per engine in GiB; fractions are "
+                                "fine (passed as --kv-cache-memory-bytes). 0.25 GiB holds about 21k "
+                                "tokens of the 0.5B shape and allocates in ~0.1 s. VLLM_CPU_KVCACHE_SPACE "
+                                "is removed from the engines' environment: it would override this.")
     threads: int = Field(0, ge=0, description="Torch/OpenMP threads per engine; 0 means all cores.")
     enforce_eager: bool = Field(True, description="Skip graph compilation: faster start-up, the point of "
                                 "elastic replicas.")
@@ -71,9 +72,14 @@ class EngineConfig(_Section):
                                    "after this many seconds.")
     extra_args: list[str] = Field(default_factory=list, description="Extra vLLM server flags passed "
                                   "verbatim, for example ['--max-num-seqs', '8'].")
-    standby_processes: int = Field(1, ge=0, le=8, description="Local mode: engine processes kept "
-                                   "standing by with torch and vLLM imported, so a scale-out skips that "
-                                   "import (~7 s on 2 cores). Each idles at ~0.6 GB of memory.")
+    standby_processes: int = Field(1, ge=0, le=8, description="Engine processes kept standing by, "
+                                   "warm (vLLM and the modules a start imports loaded, heap frozen), "
+                                   "so that a scale-out skips the imports. Started with the App, refilled "
+                                   "after each new replica is ready. Each idles at ~0.8 GB of memory.")
+    launcher: Literal["fork", "spawn"] = Field("fork", description="How an engine process starts vLLM's "
+                                               "EngineCore: 'fork' (the warm standby forks it: no second "
+                                               "import) or 'spawn' (vLLM's standard path). fork falls back "
+                                               "to spawn, with the reason, where its prerequisites fail.")
 
 
 class WeightsConfig(_Section):
@@ -170,7 +176,8 @@ class AppConfig(BaseSettings):
                                           "the model directory's name.")
     replicas: int = Field(1, ge=0, le=MAX_REPLICAS, description="Replicas started by App.start().")
     demo_cache_dir: Path = Field(Path.home() / ".cache" / "yrllm", description="Where the demo model "
-                                 "is built and model content digests are cached.")
+                                 "is built, and model content digests and the modules an engine start "
+                                 "imports (per vLLM version) are cached.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     router: RouterConfig = Field(default_factory=RouterConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)

@@ -43,3 +43,4 @@ class ReplicaInfo(BaseModel):
     url: str | None = None
     pid: int | None = None
     log: str | None = None  # the engine process's log file
+    launcher: str | None = None  # how its EngineCore was started: fork or spawn

@@ -9,9 +9,11 @@ a leftover shows up as an error in the pytest report.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -19,6 +21,23 @@ import pytest
 
 # Children that the App starts; anything else under the test process is none of the App's business.
 APP_PROCESS_MARKERS = ("datasystem_worker", "app.engine.main", "VLLM::EngineCore", "EngineCore")
+
+
+PROMPT = "def fibonacci(n):"
+
+
+def greedy(url: str, model: str, tokens: int = 16) -> list[int]:
+    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
+                       "return_token_ids": True}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        choice = json.loads(response.read())["choices"][0]
+    return choice.get("token_ids") or choice["text"]
+
+
+def replica_urls(app) -> dict[str, str]:
+    return {r["replica_id"]: r["url"] for r in app.status()["replicas"] if r["state"] == "ready"}
 
 
 def test_cache_dir() -> Path:
@@ -98,8 +117,7 @@ def app(model_dir):
         "router.port": 0,
         "engine.dtype": "float32",
         "engine.max_model_len": 512,
-        # The smallest there is: vLLM reads VLLM_CPU_KVCACHE_SPACE as whole GiB.
-        "engine.kv_cache_gib": 1,
+        "engine.kv_cache_gib": 0.125,
         "runtime.ds_shared_memory_mb": 1024,
         "demo_cache_dir": str(test_cache_dir()),
     })

@@ -142,7 +142,7 @@ def test_an_app_whose_engine_cannot_start_stops_everything(tmp_path):
 
     config = AppConfig.load(env={}, overrides={
         "router.port": 0, "engine.dtype": "float32", "engine.max_model_len": 512,
-        "engine.kv_cache_gib": 1, "runtime.ds_shared_memory_mb": 256,
+        "engine.kv_cache_gib": 0.125, "runtime.ds_shared_memory_mb": 256,
         "engine.extra_args": ["--no-such-vllm-flag"], "demo_cache_dir": str(test_cache_dir())})
     from app.engine.pool import ENGINE_POOL
 

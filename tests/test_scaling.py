@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import PROMPT, greedy, replica_urls
 
 from app.engine.host import EngineHost
 from app.engine.spec import EngineSpec
@@ -24,23 +25,6 @@ from app.weights.load_report import PlanKind, WeightSource
 from app.weights.plan import LOAD_FORMAT, WeightPlan
 
 pytestmark = pytest.mark.engine
-
-PROMPT = "def fibonacci(n):"
-
-
-def greedy(url: str, model: str, tokens: int = 16) -> list[int]:
-    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
-                       "return_token_ids": True}).encode()
-    request = urllib.request.Request(f"{url}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        choice = json.loads(response.read())["choices"][0]
-    return choice.get("token_ids") or choice["text"]
-
-
-def replica_urls(app) -> dict[str, str]:
-    return {r["replica_id"]: r["url"] for r in app.status()["replicas"] if r["state"] == "ready"}
-
 
 def shared_memory(pid: int) -> tuple[int, int]:
     """(RSS, PSS) in bytes of the data system's shared memory mapped into ``pid``."""
@@ -90,10 +74,12 @@ def test_scale_out_maps_the_seeds_weights_and_reads_no_weight_file(app, model_di
     for replica in added:
         assert replica.weights.plan is PlanKind.MAP and replica.weights.source is WeightSource.HOST
         assert replica.weights.fallback_reason is None and replica.weights.bytes > 0
-        assert list(replica.seconds_since_requested()) == ["requested", "actor_up", "weights_loaded",
-                                                           "engine_ready", "first_token"]
+        assert list(replica.seconds_since_requested()) == ["requested", "actor_up", "standby_taken", "core_forked",
+                                                           "weights_loaded", "engine_ready", "first_token"]
+        assert replica.launch.launcher.value == "fork" and replica.launch.reason is None
     printed = str(report)
-    assert "plan map, from host" in printed and "GB/s" in printed
+    assert "plan map, from host" in printed and "GB/s" in printed and "fork launcher" in printed
+    assert {r["launcher"] for r in app.status()["replicas"]} == {"fork"}
     assert json.loads(json.dumps(report.to_dict()))["replicas"][0]["weights"]["plan"] == "map"
     stats = app.status()["weight_cache"]
     assert stats["misses"] == 1 and stats["hits"] >= 2 and stats["bytes_served"] >= 2 * added[0].weights.bytes

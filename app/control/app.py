@@ -67,6 +67,8 @@ class App:
 
         self.model_dir = self.config.model or demo_model_dir(self.config.demo_cache_dir)
         self.served_model_name = self.config.served_model_name or self.model_dir.name
+        # Standbys warm up (imports, ~10 s of CPU) while the data system worker starts.
+        ENGINE_POOL.prepare(self._engine_spec("standby"))
         self._runtime.start()
         self._router = Router.options(yr.InvokeOptions(concurrency=8)).invoke(
             self.config.router, [self.served_model_name])

@@ -7,12 +7,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from app.engine.launch_report import LaunchReport
 from app.replica import ReplicaState
 from app.weights.load_report import LoadReport
 
 #: Timeline marks in the order a replica passes them.
-MILESTONES = ("requested", "actor_up", "weights_loaded", "engine_ready", "first_token", "drained",
-              "stopped")
+MILESTONES = ("requested", "actor_up", "standby_taken", "core_forked", "weights_loaded", "engine_ready",
+              "first_token", "drained", "stopped")
 
 
 class ReplicaReport(BaseModel):
@@ -21,6 +22,7 @@ class ReplicaReport(BaseModel):
     state: ReplicaState
     timeline: dict[str, float] = Field(default_factory=dict, description="Wall-clock time of each "
                                        "milestone (seconds since the epoch).")
+    launch: LaunchReport | None = None
     weights: LoadReport | None = None
     error: str | None = None
 
@@ -54,6 +56,9 @@ class ScaleReport(BaseModel):
         for replica in self.replicas:
             marks = "  ".join(f"{mark} +{s:.2f}s" for mark, s in replica.seconds_since_requested().items())
             lines.append(f"  {replica.replica_id:<6} {replica.action:<8} {replica.state.value:<8} {marks}")
+            if replica.launch is not None:
+                lines.append(f"         engine: {replica.launch.launcher.value} launcher"
+                             + (f" ({replica.launch.reason})" if replica.launch.reason else ""))
             if replica.weights is not None:
                 lines.append(f"         weights: {replica.weights.summary()}")
             if replica.error:

@@ -133,7 +133,8 @@ class Scaler:
         except Exception as exc:  # noqa: BLE001 - reported, and the replica is removed
             error = f"{type(exc).__name__}: {exc}"
             logger.error("replica %s failed to start: %s", replica_id, error)
-        timeline = {"requested": requested, **_timeline(actor)}
+        timeline = {"requested": requested, **_ask(actor.timeline, {})}
+        launch = _ask(actor.launch_report, None)
         weights = self._settle_weights(actor, replica_id, failed=error is not None)
         if weights is not None:
             timeline["weights_loaded"] = weights.finished_at
@@ -146,7 +147,7 @@ class Scaler:
             self._publish()
             state = replica.info.state
         return ReplicaReport(replica_id=replica_id, action="added", state=state, timeline=timeline,
-                             weights=weights, error=error)
+                             launch=launch, weights=weights, error=error)
 
     def _settle_weights(self, actor: Any, replica_id: str, failed: bool) -> LoadReport | None:
         import yr
@@ -213,10 +214,12 @@ def _check_count(replicas: int) -> None:
         raise ValueError(f"replicas must be between 0 and {MAX_REPLICAS}, got {replicas}")
 
 
-def _timeline(actor: Any) -> dict[str, float]:
+def _ask(method: Any, default: Any) -> Any:
+    """An informative call to a replica's actor; ``default`` if it cannot answer (it is gone)."""
     import yr
 
     try:
-        return yr.get(actor.timeline.invoke(), timeout=30)
-    except Exception:  # noqa: BLE001 - a dead actor has no timeline to give
-        return {}
+        answer = yr.get(method.invoke(), timeout=30)
+    except Exception:  # noqa: BLE001 - a dead actor has nothing to tell
+        return default
+    return default if answer is None else answer  # local mode answers None on a timeout

@@ -3,22 +3,22 @@
 Why a process per engine, and not the engine inside the actor: in yr local mode actors are threads of
 the driver, and engines sharing one process share a GIL and silently clobber each other's ``vllm:*``
 Prometheus metrics; a crashed engine would also take the driver down. Processes come from the
-``EnginePool``, which keeps one standing by with torch and vLLM already imported. The process runs vLLM's own
-OpenAI server. vLLM's async engine always runs EngineCore in a process of its own (spawned: the CPU
-platform forces it), but the model worker stays inside EngineCore (see ``EngineSpec.environment``),
-so a replica is two processes, not three.
+``EnginePool``, which keeps warm standbys. The process runs vLLM's own OpenAI server; its EngineCore
+is a second process, forked from the warm standby (``launcher``) or spawned by vLLM. The model worker
+stays inside EngineCore (see ``EngineSpec.environment``), so a replica is two processes, not three,
+in one process group.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 import urllib.error
 import urllib.request
 
+from app.engine.launch_report import LaunchReport
 from app.engine.pool import ENGINE_POOL
 from app.engine.spec import EngineSpec
 from app.replica import ReplicaInfo, ReplicaState, Role
@@ -49,10 +49,14 @@ class EngineHost:
         return self._spec
 
     def info(self) -> ReplicaInfo:
+        if self._state is ReplicaState.READY and self._process is not None and self._process.poll() is not None:
+            self._state = ReplicaState.FAILED  # the engine process is gone (its core died, or it did)
+        launch = self.launch_report() if self._process is not None else None
         return ReplicaInfo(replica_id=self._spec.replica_id, role=self._role, state=self._state,
                            url=self._spec.url if self._state is ReplicaState.READY else None,
                            pid=self._process.pid if self._process else None,
-                           log=str(self._process.log_file) if self._process else None)
+                           log=str(self._process.log_file) if self._process else None,
+                           launcher=launch.launcher.value if launch else None)
 
     def start(self) -> ReplicaInfo:
         with self._lock:
@@ -61,7 +65,8 @@ class EngineHost:
             port = self._spec.port or free_port(self._spec.host)
             self._spec = self._spec.model_copy(update={"port": port})
             self._state = ReplicaState.LOADING
-            self._process = ENGINE_POOL.take(self._environment(), self._spec.log_dir)
+            self._process = ENGINE_POOL.take(self._spec)
+            self.timeline["standby_taken"] = time.time()
             logger.info("replica %s runs in engine process %d (log %s)", self._spec.replica_id,
                         self._process.pid, self._process.log_file)
             self._process.send_line(self._spec.model_dump_json())
@@ -73,12 +78,10 @@ class EngineHost:
             raise
         self._state = ReplicaState.READY
         self.timeline["engine_ready"] = time.time()
-        if self._spec.standby_processes:
-            ENGINE_POOL.refill(self._environment(), self._spec.log_dir, self._spec.standby_processes)
+        launch = self.launch_report()
+        if launch is not None and launch.core_forked_at is not None:
+            self.timeline["core_forked"] = launch.core_forked_at
         return self.info()
-
-    def _environment(self) -> dict[str, str]:
-        return self._spec.environment(os.cpu_count() or 1)
 
     def _wait_ready(self) -> None:
         assert self._process is not None
@@ -122,6 +125,13 @@ class EngineHost:
                 self._state = ReplicaState.STOPPED
         return self.info()
 
+    def launch_report(self) -> LaunchReport | None:
+        """How the engine process launched its engine (None until it has)."""
+        try:
+            return LaunchReport.model_validate_json(self._spec.launch_report_path.read_text())
+        except FileNotFoundError:
+            return None
+
     def load_report(self) -> LoadReport | None:
         """How this engine's weights were loaded (None with vLLM's own load formats)."""
         try:
@@ -138,5 +148,7 @@ class EngineHost:
         with urllib.request.urlopen(request, timeout=60) as response:
             response.read()
         self.timeline["first_token"] = time.time()
+        # Refilled only now: a standby's imports would compete with this replica's start for the cores.
+        ENGINE_POOL.prepare(self._spec)
         return self.timeline["first_token"]
 

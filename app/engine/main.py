@@ -1,20 +1,33 @@
 """Main of one engine process: vLLM's own OpenAI server, embedded, for one EngineSpec.
 
-Run as ``python -m app.engine.main`` by ``app.engine.pool``: it imports torch and vLLM's server first
-(about 7 s on 2 cores), then reads its EngineSpec (one JSON line) from stdin. A process can therefore be
-started before the replica it will serve is requested (a standby), and the import is off the scale-out
-path. The server, its routes, streaming and errors are vLLM's; this module only turns a spec into
-vLLM's arguments.
+Run as ``python -m app.engine.main`` by ``app.engine.pool``. Before it reads its spec (one JSON line on
+stdin) the process becomes a warm standby: it imports vLLM's server, the modules a real start imports
+(``preimports``), checks that it can fork an EngineCore (``launcher.fork_support``), then collects
+and freezes its heap, so that neither vLLM's five full collections during start-up nor the forked
+core walk those objects again. No torch operation runs before the fork: OpenMP threads would start.
+
+On its spec it launches the engine with the launcher the spec asks for (fork by default, spawn as the
+fallback) and writes a LaunchReport. The server, its routes, streaming and errors are vLLM's.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import sys
+import time
+from pathlib import Path
 
+from app.engine.launch_report import Launcher, LaunchReport
+from app.engine.launcher import external_engine_args, fork_core, fork_support, watch_core
+from app.engine.preimports import CACHE_DIR_ENV, preimport, record_when_serving
 from app.engine.spec import EngineSpec
+from app.runtime.processes import child_environment, free_port
 
-#: Printed once the imports are done: the process is a warm standby from then on.
+logger = logging.getLogger("vllm.yrllm.engine")  # under "vllm." so that vLLM's logging prints it
+
+#: Printed once the standby is warm (imports done, heap frozen).
 STANDBY_READY = "yrllm: engine process ready for its spec"
 
 
@@ -26,19 +39,53 @@ def main() -> None:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="engine"))
-    print(STANDBY_READY, flush=True)
+    cache_dir = Path(os.environ[CACHE_DIR_ENV]) if os.environ.get(CACHE_DIR_ENV) else None
+    preimported = preimport(cache_dir)
+    fork_refusal = fork_support(parser)
+    gc.collect()
+    gc.freeze()
+    print(f"{STANDBY_READY} ({preimported} modules pre-imported; fork: "
+          f"{fork_refusal or 'supported'})", flush=True)
     line = sys.stdin.readline()
     if not line:
         return  # a standby that was never used: the pool closed our stdin
+    received = time.time()
     spec = EngineSpec.model_validate_json(line)
     # The pool started us with spec.environment() already; applied again for whoever runs us by hand.
-    os.environ.update(spec.environment(os.cpu_count() or 1))
+    os.environ.clear()
+    os.environ.update(child_environment(spec.environment(os.cpu_count() or 1)))
 
-    args = parser.parse_args(spec.server_args())
+    report = LaunchReport(replica_id=spec.replica_id, launcher=Launcher.SPAWN, preimported_modules=preimported,
+                          spec_received_at=received)
+    server_args = spec.server_args()
+    if spec.launcher is Launcher.FORK and fork_refusal is not None:
+        report.reason = f"fork launcher unavailable: {fork_refusal}"
+        print(f"yrllm: {report.reason}; using the spawn launcher", file=sys.stderr, flush=True)
+    elif spec.launcher is Launcher.FORK:
+        rpc_port = free_port(spec.host)
+        core_args = parser.parse_args(server_args)
+        configure_logging_from_args(core_args)
+        validate_parsed_serve_args(core_args)
+        core_log = spec.core_log_path
+        pid = fork_core(core_args, spec.host, rpc_port, core_log, on_start=lambda: record_when_serving(
+            f"{spec.url}/health", cache_dir, "core", spec.start_timeout_s))
+        watch_core(pid, core_log)
+        report.launcher, report.core_pid, report.core_log = Launcher.FORK, pid, str(core_log)
+        report.core_forked_at = time.time()
+        server_args += external_engine_args(spec.host, rpc_port)
+    args = parser.parse_args(server_args)
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
-    # run_server binds first, builds the engine, serves; SIGTERM shuts the engine down, then exits.
+    _write(spec.launch_report_path, report)
+    record_when_serving(f"{spec.url}/health", cache_dir, "server", spec.start_timeout_s)
+    # run_server binds first, builds the engine client, serves; SIGTERM shuts it down, then exits.
     uvloop.run(run_server(args))
+
+
+def _write(path: Path, report: LaunchReport) -> None:
+    scratch = path.with_suffix(".tmp")
+    scratch.write_text(report.model_dump_json())
+    scratch.replace(path)
 
 
 if __name__ == "__main__":

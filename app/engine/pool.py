@@ -1,10 +1,11 @@
 """Engine processes started ahead of need.
 
 After the weights (mapped in under 0.1 s), a replica's start is dominated by processes importing
-torch and vLLM. An engine process imports its server first and only then reads its EngineSpec from
-stdin (``app.engine.main``), so the pool can keep ``size`` processes standing by, already imported;
-a scale-out takes one and skips that import. The pool is refilled after a replica is ready (not
-while it starts: on a small machine the refill would compete for the same cores).
+torch and vLLM. An engine process becomes a warm standby first and only then reads its EngineSpec
+from stdin (``app.engine.main``), so the pool keeps ``spec.standby_processes`` of them, started with
+the App; a scale-out takes one and skips the imports, and its EngineCore is forked from it. The pool
+is refilled after a replica served its first token (not while it starts: on a small machine the
+refill would compete for the same cores).
 
 One pool per process: in yr local mode every engine actor is a thread of the driver and shares it;
 in cluster mode each actor is a process of its own, and the App leaves the pool empty there.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Mapping
 
 from app.engine.main import STANDBY_READY
+from app.engine.spec import EngineSpec
 from app.runtime.processes import ChildProcess
 
 logger = logging.getLogger(__name__)
@@ -28,29 +30,32 @@ logger = logging.getLogger(__name__)
 
 class EnginePool:
     def __init__(self) -> None:
-        self._idle: list[tuple[dict[str, str], ChildProcess]] = []
+        self._idle: list[tuple[dict[str, str | None], ChildProcess]] = []
         self._lock = threading.Lock()
         self._count = itertools.count(1)
 
-    def take(self, env: Mapping[str, str], log_dir: Path) -> ChildProcess:
-        """A standby started with ``env`` if there is one (alive), a fresh process otherwise."""
+    def take(self, spec: EngineSpec) -> ChildProcess:
+        """A standby for ``spec`` if there is one (alive, warm or still importing), a fresh process
+        otherwise: a burst larger than the pool starts fresh processes, each serving once imported."""
+        env = self._environment(spec)
         with self._lock:
             for index, (standby_env, process) in enumerate(self._idle):
-                if standby_env == dict(env) and process.poll() is None:
+                if standby_env == env and process.poll() is None:
                     del self._idle[index]
                     logger.info("using standby engine process %d", process.pid)
                     return process
-        return self._start(env, log_dir)
+        return self._start(env, spec.log_dir)
 
-    def refill(self, env: Mapping[str, str], log_dir: Path, size: int) -> None:
-        """Start standbys until ``size`` are idle."""
+    def prepare(self, spec: EngineSpec) -> None:
+        """Start standbys for ``spec`` until ``spec.standby_processes`` are idle."""
+        env = self._environment(spec)
         with self._lock:
             self._idle = [(e, p) for e, p in self._idle if p.poll() is None]
-            missing = size - len(self._idle)
+            missing = spec.standby_processes - len(self._idle)
         for _ in range(missing):
-            process = self._start(env, log_dir)
+            process = self._start(env, spec.log_dir)
             with self._lock:
-                self._idle.append((dict(env), process))
+                self._idle.append((env, process))
 
     def warm(self) -> int:
         """Idle standbys that have finished importing."""
@@ -65,7 +70,11 @@ class EnginePool:
         for _, process in idle:
             process.stop(grace_s=5)
 
-    def _start(self, env: Mapping[str, str], log_dir: Path) -> ChildProcess:
+    @staticmethod
+    def _environment(spec: EngineSpec) -> dict[str, str | None]:
+        return spec.environment(os.cpu_count() or 1)
+
+    def _start(self, env: Mapping[str, str | None], log_dir: Path) -> ChildProcess:
         number = next(self._count)
         return ChildProcess(f"engine process {number}", [sys.executable, "-m", "app.engine.main"],
                             log_dir / f"engine-process-{os.getpid()}-{number}.log",

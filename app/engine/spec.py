@@ -9,6 +9,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.config import AppConfig, RuntimeMode
+from app.engine.launch_report import Launcher
+from app.engine.preimports import CACHE_DIR_ENV
 
 
 class EngineSpec(BaseModel):
@@ -24,7 +26,7 @@ class EngineSpec(BaseModel):
     port: int
     dtype: str
     max_model_len: int | None
-    kv_cache_gib: int
+    kv_cache_gib: float
     threads: int
     enforce_eager: bool
     extra_args: list[str] = Field(default_factory=list)
@@ -33,6 +35,8 @@ class EngineSpec(BaseModel):
     log_dir: Path
     start_timeout_s: float
     standby_processes: int = 0
+    launcher: Launcher = Launcher.FORK
+    cache_dir: Path | None = None  # where engine processes record the modules a start imports
 
     @classmethod
     def from_config(cls, config: AppConfig, *, replica_id: str, model: Path, served_model_name: str,
@@ -43,6 +47,7 @@ class EngineSpec(BaseModel):
                    kv_cache_gib=engine.kv_cache_gib, threads=engine.threads,
                    enforce_eager=engine.enforce_eager, extra_args=list(engine.extra_args),
                    log_dir=log_dir, start_timeout_s=engine.start_timeout_s,
+                   launcher=Launcher(engine.launcher), cache_dir=config.demo_cache_dir / "engine",
                    # Standbys help where engine actors share a process: local mode.
                    standby_processes=engine.standby_processes
                    if config.runtime.resolved_mode is RuntimeMode.LOCAL else 0)
@@ -52,7 +57,8 @@ class EngineSpec(BaseModel):
         args = ["--model", str(self.model), "--served-model-name", self.served_model_name,
                 "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
                 "--distributed-executor-backend", "uni",
-                "--load-format", self.load_format, "--disable-uvicorn-access-log"]
+                "--load-format", self.load_format, "--disable-uvicorn-access-log",
+                "--kv-cache-memory-bytes", str(int(self.kv_cache_gib * 2**30))]
         if self.max_model_len:
             args += ["--max-model-len", str(self.max_model_len)]
         if self.enforce_eager:
@@ -61,10 +67,12 @@ class EngineSpec(BaseModel):
             args += ["--model-loader-extra-config", json.dumps(self.loader_extra_config)]
         return args + list(self.extra_args)
 
-    def environment(self, cpu_count: int) -> dict[str, str]:
+    def environment(self, cpu_count: int) -> dict[str, str | None]:
+        """The engine process's environment on top of the App's; None removes a variable."""
         threads = self.threads or cpu_count
         return {
-            "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
+            # Whole GiB only, and it overrides --kv-cache-memory-bytes (an empty value crashes vLLM).
+            "VLLM_CPU_KVCACHE_SPACE": None,
             "OMP_NUM_THREADS": str(threads),
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
             # Engines share cores with each other and the driver: pinning threads would stack them.
@@ -76,12 +84,23 @@ class EngineSpec(BaseModel):
             "HF_HUB_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",
             "TOKENIZERS_PARALLELISM": "false",
+            CACHE_DIR_ENV: str(self.cache_dir) if self.cache_dir else None,
         }
 
     @property
     def load_report_path(self) -> Path:
         """Where our load format writes this engine's LoadReport."""
         return self.log_dir / f"load-{self.replica_id}.json"
+
+    @property
+    def launch_report_path(self) -> Path:
+        """Where the engine process writes its LaunchReport."""
+        return self.log_dir / f"launch-{self.replica_id}.json"
+
+    @property
+    def core_log_path(self) -> Path:
+        """The forked EngineCore's own log."""
+        return self.log_dir / f"engine-core-{self.replica_id}.log"
 
     @property
     def url(self) -> str:

@@ -26,7 +26,8 @@ _PR_SET_PDEATHSIG = 1
 _LAUNCHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="child-launcher")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: the kernel SIGKILLs this process when the thread that forked it exits."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -46,19 +47,26 @@ def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
         return False
 
 
+def child_environment(changes: Mapping[str, str | None]) -> dict[str, str]:
+    """This process's environment with ``changes`` applied; a None value removes the variable."""
+    env = {**os.environ, **changes}
+    return {name: value for name, value in env.items() if value is not None}
+
+
 class ChildProcess:
     """A supervised child with its output in a log file."""
 
     def __init__(self, name: str, argv: Sequence[str], log_file: Path,
-                 env: Mapping[str, str] | None = None, cwd: Path | None = None, stdin: bool = False) -> None:
+                 env: Mapping[str, str | None] | None = None, cwd: Path | None = None,
+                 stdin: bool = False) -> None:
         self.name = name
         self.log_file = log_file
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "ab") as log:
             self._popen = _LAUNCHER.submit(
                 subprocess.Popen, list(argv), stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd,
-                start_new_session=True, preexec_fn=_die_with_parent).result()
+                stdout=log, stderr=subprocess.STDOUT, env=child_environment(env or {}), cwd=cwd,
+                start_new_session=True, preexec_fn=die_with_parent).result()
         logger.info("started %s (pid %d), log %s", name, self._popen.pid, log_file)
 
     @property

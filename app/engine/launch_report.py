@@ -1,0 +1,30 @@
+"""How one engine process started its engine: which launcher, why, and when each step happened."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, Field
+
+
+class Launcher(str, Enum):
+    """How an engine process starts vLLM's EngineCore.
+
+    FORK: the warm, frozen standby forks the core (vLLM's own engine-core entry point, handshaking
+    over TCP) and runs vLLM's OpenAI server against it as an external engine: no second import of
+    torch and vLLM. SPAWN: vLLM's standard path (its OpenAI server spawns EngineCore, which imports
+    everything again); the fallback when the fork's prerequisites do not hold."""
+
+    FORK = "fork"
+    SPAWN = "spawn"
+
+
+class LaunchReport(BaseModel):
+    replica_id: str
+    launcher: Launcher
+    reason: str | None = Field(None, description="Why the spawn launcher was used, if it was not asked for.")
+    preimported_modules: int = Field(0, description="Modules the standby imported ahead of its spec.")
+    core_pid: int | None = Field(None, description="Fork only: the EngineCore process.")
+    core_log: str | None = Field(None, description="Fork only: the EngineCore's own log file.")
+    spec_received_at: float = Field(description="Wall-clock time the engine process read its spec.")
+    core_forked_at: float | None = Field(None, description="Fork only: wall-clock time of the fork.")

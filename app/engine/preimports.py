@@ -1,0 +1,91 @@
+"""The modules a real engine start imports, recorded per vLLM version and imported by standby processes
+before they get a spec, so that the start itself imports almost nothing.
+
+Recorded, not kept by hand: once an engine serves, each of its processes (the API server and the
+EngineCore) writes the names in its ``sys.modules`` to a file of its own under the cache directory; a
+standby imports the union of both. A name that fails to import is skipped: the list is a hint that
+makes a start faster, never a condition for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: The engine processes' environment names the cache directory (a standby has no spec yet).
+CACHE_DIR_ENV = "YRLLM_ENGINE_CACHE_DIR"
+ROLES = ("server", "core")
+_NEVER = ("__main__", "__mp_main__")
+
+
+def list_path(cache_dir: Path, role: str) -> Path:
+    import vllm
+
+    python = f"{sys.version_info.major}{sys.version_info.minor}"
+    return cache_dir / f"modules-vllm{vllm.__version__}-py{python}-{role}.txt"
+
+
+def preimport(cache_dir: Path | None) -> int:
+    """Import every recorded module not imported yet; returns how many were."""
+    if cache_dir is None:
+        return 0
+    names: set[str] = set()
+    for role in ROLES:
+        try:
+            names.update(list_path(cache_dir, role).read_text().split())
+        except OSError:
+            continue  # nothing recorded yet for this vLLM: the first start records it
+    imported = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in sorted(names - set(sys.modules) - set(_NEVER)):
+            try:
+                importlib.import_module(name)
+                imported += 1
+            except Exception:  # noqa: BLE001 - a hint, not a contract (see the module docstring)
+                continue
+    return imported
+
+
+def record_when_serving(health_url: str, cache_dir: Path | None, role: str, timeout_s: float) -> None:
+    """In a daemon thread: once ``health_url`` answers, write this process's modules for ``role``."""
+    if cache_dir is None:
+        return
+
+    def record() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(health_url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        else:
+            return
+        path = list_path(cache_dir, role)
+        try:
+            known = set(path.read_text().split())
+        except OSError:
+            known = set()
+        names = known | {name for name in list(sys.modules) if name not in _NEVER}
+        if names == known:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_name(f".{path.name}.{os.getpid()}")
+        scratch.write_text("\n".join(sorted(names)) + "\n")
+        scratch.replace(path)  # atomic: a standby never reads half a list
+        logger.info("recorded %d modules a %s start imports in %s", len(names), role, path)
+
+    threading.Thread(target=record, name=f"record-{role}-modules", daemon=True).start()

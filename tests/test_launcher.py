@@ -1,0 +1,133 @@
+"""The fork launcher: a forked replica serves the seed's tokens; a dead EngineCore, during start-up or
+after, ends its replica at once and leaves nothing running; the spawn path takes over when the fork's
+prerequisites fail, and says why."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from conftest import greedy, leftovers, replica_urls
+
+from app.engine.host import EngineFailed, EngineHost
+from app.engine.launch_report import Launcher
+from app.engine.spec import EngineSpec
+from app.replica import ReplicaState
+from app.weights.load_report import PlanKind
+from app.weights.plan import LOAD_FORMAT, WeightPlan
+
+pytestmark = pytest.mark.engine
+
+
+def engine_spec(app, model_dir, model_name, tmp_path, replica_id: str, **changes) -> EngineSpec:
+    spec = EngineSpec.from_config(app.config, replica_id=replica_id, model=model_dir, served_model_name=model_name,
+                                  log_dir=tmp_path)
+    return spec.model_copy(update=changes)
+
+
+def wait_for_core(spec: EngineSpec, timeout_s: float = 120) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return int(json.loads(spec.launch_report_path.read_text())["core_pid"])
+        except (OSError, ValueError, TypeError):
+            time.sleep(0.05)
+    raise AssertionError("the engine process never forked its core")
+
+
+def test_a_forked_replica_generates_exactly_like_the_seed(app, model_dir, model_name, tmp_path):
+    (seed_url,) = replica_urls(app).values()
+    host = EngineHost(engine_spec(app, model_dir, model_name, tmp_path, "fork-disk"))
+    try:
+        host.start()
+        launch = host.launch_report()
+        assert launch.launcher is Launcher.FORK and launch.core_pid and launch.reason is None
+        assert psutil.Process(launch.core_pid).ppid() == host.info().pid  # the core is the server's child
+        assert greedy(host.spec.url, model_name) == greedy(seed_url, model_name)
+    finally:
+        host.stop()
+
+
+def test_a_core_killed_during_start_up_fails_the_replica_fast(app, model_dir, model_name, tmp_path):
+    # A weight plan that waits for a seed nobody publishes keeps the core in start-up for minutes.
+    spec = engine_spec(app, model_dir, model_name, tmp_path, "fork-killed-early")
+    plan = WeightPlan(kind=PlanKind.MAP, replica_id=spec.replica_id, fingerprint="0" * 32,
+                      ds_address=app.status()["ds_address"], await_seed_s=300, report_path=spec.load_report_path)
+    host = EngineHost(spec.model_copy(update={"load_format": LOAD_FORMAT,
+                                              "loader_extra_config": plan.model_dump(mode="json")}))
+    failure: list[BaseException] = []
+    starting = threading.Thread(target=lambda: _capture(host.start, failure))
+    starting.start()
+    core = psutil.Process(wait_for_core(spec))
+    server = psutil.Process(host.info().pid)
+    killed_at = time.monotonic()
+    os.kill(core.pid, signal.SIGKILL)
+    starting.join(timeout=60)
+    assert not starting.is_alive(), "the replica's start did not notice its dead core"
+    assert time.monotonic() - killed_at < 10  # not VLLM_ENGINE_READY_TIMEOUT_S (600 s)
+    assert len(failure) == 1 and isinstance(failure[0], EngineFailed)
+    assert f"EngineCore (pid {core.pid}) exited with code -9" in str(failure[0])
+    assert host.info().state is ReplicaState.FAILED
+    host.stop()
+    assert not leftovers([core, server])
+
+
+def test_a_core_killed_after_ready_ends_its_server(app, model_dir, model_name, tmp_path):
+    host = EngineHost(engine_spec(app, model_dir, model_name, tmp_path, "fork-killed-late"))
+    host.start()
+    core = psutil.Process(host.launch_report().core_pid)
+    server = psutil.Process(host.info().pid)
+    os.kill(core.pid, signal.SIGKILL)
+    try:
+        server.wait(timeout=10)  # the server stops at once; within 2 s on an idle machine
+    except psutil.TimeoutExpired:
+        pytest.fail("the engine server kept running without its core")
+    info = host.info()
+    assert info.state is ReplicaState.FAILED and info.url is None
+    assert f"EngineCore (pid {core.pid}) exited with code -9" in open(info.log).read()
+    host.stop()
+    assert not leftovers([core, server])
+
+
+def test_the_spawn_path_takes_over_when_forking_is_unsafe(app, model_dir, model_name, tmp_path, monkeypatch):
+    """A module on the standby's pre-import list that starts a thread makes forking unsafe (the child
+    would inherit a process in an unknown state): the engine serves through vLLM's spawn path and its
+    report says why."""
+    import vllm
+
+    from app.engine.preimports import ROLES, list_path
+
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "yrllm_test_thread_at_import.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(3600,), name='started-at-import',"
+        " daemon=True).start()\n")
+    monkeypatch.setenv("PYTHONPATH", f"{modules}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    path = list_path(cache_dir, ROLES[0])
+    assert path.name.startswith(f"modules-vllm{vllm.__version__}-")
+    path.write_text("yrllm_test_thread_at_import\n")
+    host = EngineHost(engine_spec(app, model_dir, model_name, tmp_path, "spawn-fallback", cache_dir=cache_dir))
+    (seed_url,) = replica_urls(app).values()
+    try:
+        host.start()
+        launch = host.launch_report()
+        assert launch.launcher is Launcher.SPAWN and launch.core_pid is None
+        assert "threads are running (started-at-import)" in launch.reason
+        assert "using the spawn launcher" in open(host.info().log).read()
+        assert greedy(host.spec.url, model_name) == greedy(seed_url, model_name)
+    finally:
+        host.stop()
+
+
+def _capture(call, failures: list[BaseException]) -> None:
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001 - inspected by the test
+        failures.append(exc)
