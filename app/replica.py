@@ -44,3 +44,4 @@ class ReplicaInfo(BaseModel):
     pid: int | None = None
     log: str | None = None  # the engine process's log file
     launcher: str | None = None  # how its EngineCore was started: fork or spawn
+    core_pid: int | None = None  # its forked EngineCore (fork launcher)

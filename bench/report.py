@@ -1,7 +1,12 @@
-"""Turn bench.run's results into BENCHMARKS.md and PNG plots."""
+"""Turn bench.run's results into BENCHMARKS.md and PNG plots.
+
+Other benchmarks (``bench.start``) own a section of BENCHMARKS.md each, between markers; a rerun of
+``bench.run`` keeps them, and a rerun of one of them replaces only its own section.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 COLD, WARM = "vllm safetensors (cold)", "vllm safetensors (warm)"
@@ -115,7 +120,7 @@ def write_report(results: dict, path: Path, out: Path) -> None:
     lines += ["", "## Targets", "", "| target | measured | |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {_met(ok)} |" for name, value, ok in targets]
     lines += ["", "Plots: `bench/out/weights.png`, `bench/out/scale_out.png`.", ""]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines + _sections(path)))
     _plots(results, out)
 
 
@@ -154,3 +159,21 @@ def _plots(results: dict, out: Path) -> None:
     axis.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(out / "scale_out.png", dpi=110)
+
+
+_SECTION = re.compile(r"<!-- begin (?P<title>[^>]+) -->\n.*?<!-- end (?P=title) -->\n", re.S)
+
+
+def _sections(path: Path) -> list[str]:
+    """The sections other benchmarks wrote into ``path``, as they are."""
+    text = path.read_text() if path.exists() else ""
+    return [match.group(0) for match in _SECTION.finditer(text)]
+
+
+def replace_section(path: Path, title: str, body: str) -> None:
+    """Write ``body`` as the section ``title`` of ``path``: in place of the old one, or at the end."""
+    block = f"<!-- begin {title} -->\n## {title}\n\n{body}\n<!-- end {title} -->\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(f"<!-- begin {re.escape(title)} -->\n.*?<!-- end {re.escape(title)} -->\n", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text.rstrip()}\n\n{block}"
+    path.write_text(text)

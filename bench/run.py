@@ -170,7 +170,7 @@ def warm_standby(timeout_s: float = 120) -> None:
     from app.engine.pool import ENGINE_POOL
 
     deadline = time.monotonic() + timeout_s
-    while ENGINE_POOL.warm() < 1 and time.monotonic() < deadline:
+    while not ENGINE_POOL.warm_pids() and time.monotonic() < deadline:
         time.sleep(0.2)
 
 

@@ -41,10 +41,12 @@ def shared_memory(pid: int) -> tuple[int, int]:
 
 
 def engine_cores(app) -> dict[str, psutil.Process]:
+    """Each replica's forked EngineCore, as /status names it (the child of its engine server)."""
     cores = {}
     for replica in app.status()["replicas"]:
-        children = psutil.Process(replica["pid"]).children()
-        cores[replica["replica_id"]] = next(c for c in children if "EngineCore" in " ".join(c.cmdline()) + c.name())
+        core = psutil.Process(replica["core_pid"])
+        assert core.ppid() == replica["pid"]
+        cores[replica["replica_id"]] = core
     return cores
 
 

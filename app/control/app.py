@@ -48,6 +48,7 @@ class App:
         self.model_dir: Path | None = None
         self.served_model_name: str | None = None
         self.router_port: int | None = None
+        self.start_report: ScaleReport | None = None  # what start() did to reach config.replicas
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -78,9 +79,9 @@ class App:
         self._scaler = Scaler(self._engine_spec, self._router, self._weights, self.config.router.drain_timeout_s)
         self._scale_requests = ScaleRequestServer(self._router, self._scaler)
         self._scale_requests.start()
-        report = self.scale(self.config.replicas)
-        if not report.ok:
-            raise RuntimeError(f"the App could not start its replicas:\n{report}")
+        self.start_report = self.scale(self.config.replicas)
+        if not self.start_report.ok:
+            raise RuntimeError(f"the App could not start its replicas:\n{self.start_report}")
         if self.config.autoscale.enabled:
             self.autoscale(self.config.autoscale)
 
@@ -137,7 +138,8 @@ class App:
             status["weight_cache"] = self._weights.stats()
         return {"url": self.url if self.router_port else None, "model": self.served_model_name,
                 "model_dir": str(self.model_dir) if self.model_dir else None,
-                "runtime": self._runtime.mode.value, "ds_address": self._runtime.ds_address,
+                "runtime": self._runtime.mode.value, "runtime_ready_at": self._runtime.ready_at,
+                "ds_address": self._runtime.ds_address,
                 "ds_worker_pid": self._runtime.worker_pid, "logs": str(self._log_dir), **status}
 
     # ---- scaling ---------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ class EngineHost:
                            url=self._spec.url if self._state is ReplicaState.READY else None,
                            pid=self._process.pid if self._process else None,
                            log=str(self._process.log_file) if self._process else None,
-                           launcher=launch.launcher.value if launch else None)
+                           launcher=launch.launcher.value if launch else None,
+                           core_pid=launch.core_pid if launch else None)
 
     def start(self) -> ReplicaInfo:
         with self._lock:

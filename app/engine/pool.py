@@ -57,11 +57,11 @@ class EnginePool:
             with self._lock:
                 self._idle.append((env, process))
 
-    def warm(self) -> int:
-        """Idle standbys that have finished importing."""
+    def warm_pids(self) -> list[int]:
+        """Idle standbys that are warm (imports done, heap frozen)."""
         with self._lock:
             idle = [p for _, p in self._idle if p.poll() is None]
-        return sum(1 for process in idle if STANDBY_READY in process.log_head())
+        return [process.pid for process in idle if STANDBY_READY in process.log_head()]
 
     def close(self) -> None:
         """Stop every idle standby. Idempotent."""

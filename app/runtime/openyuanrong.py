@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from app.config import RuntimeConfig, RuntimeMode
 from app.runtime.datasystem_worker import DataSystemWorker
@@ -24,6 +25,7 @@ class Runtime:
         self._worker: DataSystemWorker | None = None
         self._yr_started = False
         self.ds_address: str | None = config.ds_address
+        self.ready_at: float | None = None  # wall-clock time the runtime (and its data system) was ready
 
     @property
     def worker_pid(self) -> int | None:
@@ -48,6 +50,7 @@ class Runtime:
                 yr.init(config)
             _yr_users.append(self.mode)
         self._yr_started = True
+        self.ready_at = time.time()
 
     def stop(self) -> None:
         """Idempotent; stops what ``start`` started even if it failed half way."""
