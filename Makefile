@@ -1,7 +1,9 @@
 # The two commands of the README:
 #   make serve   - run the App on the embedded default (local mode, own data system worker, demo model)
 #   make test    - run the test suite
-#   make bench   - the scale-out benchmark (ARGS=--quick for the small shapes); writes BENCHMARKS.md
+#   make bench   - the weight and replica-start benchmarks (ARGS=--quick for the small shapes); writes
+#                  BENCHMARKS.md
+#   make traffic - the bursty traffic replay, fixed vs autoscaled; writes bench/out/traffic.*
 # Both create .venv and install the pinned stack on first use (and again when a requirements file or
 # pyproject.toml changes).
 
@@ -9,7 +11,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench clean
+.PHONY: serve test bench traffic clean
 
 serve: $(STAMP)
 	$(VENV)/bin/python entrypoint.py $(ARGS)
@@ -20,6 +22,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/pip install -q -r requirements-bench.txt
 	$(VENV)/bin/python -m bench.run $(ARGS)
+	$(VENV)/bin/python -m bench.start $(ARGS)
+
+traffic: $(STAMP)
+	$(VENV)/bin/pip install -q -r requirements-bench.txt
+	$(VENV)/bin/python -m bench.traffic $(ARGS)
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

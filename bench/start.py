@@ -1,7 +1,7 @@
 """Replica start benchmark: ``scale()`` to first token, per phase, for the fork launcher, the spawn
 launcher and a plain vLLM OpenAI server start of the same model (what a user would otherwise run).
 
-    python -m bench.start [--shapes tiny qwen2.5-0.5b qwen2.5-1.5b] [--repeats 2]
+    python -m bench.start [--quick | --shapes tiny qwen2.5-0.5b qwen2.5-1.5b] [--repeats 2]
 
 Per shape and launcher: an App seeds the first replica, then scales out ``--repeats`` times, each time
 with a warm standby, and the mapped replica's timeline, vLLM's own phase timings (from its log), the
@@ -227,10 +227,13 @@ def summarise(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=[s.value for s in DemoShape], choices=[s.value for s in DemoShape])
+    parser.add_argument("--quick", action="store_true", help="tiny and 0.5B shapes only")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "yrllm")
     args = parser.parse_args()
+    if args.quick:
+        args.shapes = [DemoShape.TINY.value, DemoShape.QWEN2_5_0_5B.value]
     started = time.time()
     results: dict = {"conditions": conditions(argparse.Namespace(quick=False)), "repeats": args.repeats,
                      "shapes": {shape: shape_run(DemoShape(shape), args.cache, args.repeats) for shape in args.shapes}}

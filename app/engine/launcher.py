@@ -60,6 +60,11 @@ def fork_support(parser: argparse.ArgumentParser) -> str | None:
                                           _EXTERNAL_ENGINE_FLAGS[2], "1"])
     if unknown:
         return f"vLLM's server no longer accepts {' '.join(unknown)}"
+    return threads_running()
+
+
+def threads_running() -> str | None:
+    """None if this is the process's only thread (checked again right before the fork)."""
     if threading.active_count() > 1:
         names = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread())
         return f"threads are running ({', '.join(names)}): forking would copy a process in an unknown state"
@@ -127,14 +132,16 @@ def watch_core(pid: int, log_file: Path) -> None:
     def watch() -> None:
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        print(f"yrllm: EngineCore (pid {pid}) exited with code {code} at {time.time():.3f}; "
-              f"its last log lines ({log_file}):\n{_tail(log_file)}", file=sys.stderr, flush=True)
+        # The summary comes last, so that whoever reads the end of this server's log reads it.
+        print(f"yrllm: the last log lines of EngineCore (pid {pid}, {log_file}):\n{_tail(log_file)}\n"
+              f"yrllm: EngineCore (pid {pid}) exited with code {code} at {time.time():.3f}; "
+              "this engine server exits too", file=sys.stderr, flush=True)
         os._exit(CORE_DIED)
 
     threading.Thread(target=watch, name="engine-core-watch", daemon=True).start()
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def _tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from app.engine.launch_report import Launcher, LaunchReport
-from app.engine.launcher import external_engine_args, fork_core, fork_support, watch_core
+from app.engine.launcher import external_engine_args, fork_core, fork_support, threads_running, watch_core
 from app.engine.preimports import CACHE_DIR_ENV, preimport, record_when_serving
 from app.engine.spec import EngineSpec
 from app.runtime.processes import child_environment, free_port
@@ -58,10 +58,13 @@ def main() -> None:
     report = LaunchReport(replica_id=spec.replica_id, launcher=Launcher.SPAWN, preimported_modules=preimported,
                           spec_received_at=received)
     server_args = spec.server_args()
-    if spec.launcher is Launcher.FORK and fork_refusal is not None:
-        report.reason = f"fork launcher unavailable: {fork_refusal}"
+    wants_fork = spec.launcher is Launcher.FORK
+    # Checked at standby start; threads again now, in case something started one since.
+    refusal = (fork_refusal or threads_running()) if wants_fork else None
+    if refusal:
+        report.reason = f"fork launcher unavailable: {refusal}"
         print(f"yrllm: {report.reason}; using the spawn launcher", file=sys.stderr, flush=True)
-    elif spec.launcher is Launcher.FORK:
+    elif wants_fork:
         rpc_port = free_port(spec.host)
         core_args = parser.parse_args(server_args)
         configure_logging_from_args(core_args)
