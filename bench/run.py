@@ -195,7 +195,9 @@ def scale_out(shape: DemoShape, cache: Path, cpu_mode: str, steps: tuple[int, ..
             logs = {r["replica_id"]: r["log"] for r in status["replicas"]}
             data = report.to_dict()
             for replica in data["replicas"]:
-                replica["engine_phases"] = engine_phases(logs[replica["replica_id"]])
+                core_log = (replica.get("launch") or {}).get("core_log")  # the forked EngineCore logs apart
+                replica["engine_phases"] = {**engine_phases(logs[replica["replica_id"]]),
+                                            **(engine_phases(core_log) if core_log else {})}
             out["reports"].append(data)
             out["memory"].append(memory([r["pid"] for r in status["replicas"]], status["ds_worker_pid"]))
     return out
