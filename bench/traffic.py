@@ -1,6 +1,6 @@
 """Bursty traffic against the Router, with and without autoscaling.
 
-    python -m bench.traffic [--scale 1.0] [--threads 1] [--max-replicas 2] [--out bench/out]
+    python -m bench.traffic [--scale 1.0] [--threads 1] [--max-replicas 2] [--spike-rps 8] [--out bench/out]
 
 Replays a trace (idle, step up, spike, decay, idle) twice on the demo model: once with a fixed single
 replica, once with the autoscaler on (1 to ``--max-replicas``). Streaming chat requests through the
@@ -26,6 +26,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 #: (seconds, requests per second): idle, step up, spike, decay, idle.
 TRACE = [(10, 0.5), (20, 2.0), (25, 8.0), (20, 1.0), (75, 0.2)]
+SPIKE = 2  # index of the spike in TRACE
+
+
+def make_trace(spike_rps: float | None) -> list[tuple[float, float]]:
+    """TRACE, with the spike's rate replaced by ``spike_rps`` if given."""
+    trace = list(TRACE)
+    if spike_rps is not None:
+        trace[SPIKE] = (trace[SPIKE][0], spike_rps)
+    return trace
 
 
 @dataclass
@@ -57,7 +66,8 @@ def sample(url: str) -> dict:
             "in_flight": sum(r["in_flight"] for r in status["replicas"])}
 
 
-def replay(url: str, model: str, scale: float) -> tuple[list[RequestRecord], list[dict]]:
+def replay(url: str, model: str, trace: list[tuple[float, float]],
+           scale: float) -> tuple[list[RequestRecord], list[dict]]:
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
@@ -76,7 +86,7 @@ def replay(url: str, model: str, scale: float) -> tuple[list[RequestRecord], lis
     threading.Thread(target=sampler, daemon=True).start()
     with ThreadPoolExecutor(max_workers=128) as pool:
         next_at = start
-        for seconds, rate in TRACE:
+        for seconds, rate in trace:
             phase_end = next_at + seconds * scale
             while next_at < phase_end:
                 time.sleep(max(0.0, next_at - time.time()))
@@ -103,9 +113,10 @@ def per_second(records: list[RequestRecord], samples: list[dict]) -> list[dict]:
     return rows
 
 
-def summary(name: str, records: list[RequestRecord], rows: list[dict], scale: float) -> dict:
-    burst_start = sum(seconds for seconds, _ in TRACE[:2]) * scale
-    burst_end = burst_start + TRACE[2][0] * scale
+def summary(name: str, records: list[RequestRecord], rows: list[dict], trace: list[tuple[float, float]],
+            scale: float) -> dict:
+    burst_start = sum(seconds for seconds, _ in trace[:SPIKE]) * scale
+    burst_end = burst_start + trace[SPIKE][0] * scale
     burst = [r.ttft for r in records if r.ttft is not None and burst_start <= r.sent < burst_end]
     added = next((row["t"] for row in rows if row["t"] >= burst_start and row["ready"] > rows[0]["ready"]), None)
     return {"run": name, "requests": len(records), "failed": sum(1 for r in records if r.error),
@@ -116,18 +127,18 @@ def summary(name: str, records: list[RequestRecord], rows: list[dict], scale: fl
             "burst_ttft_p99_s": round(sorted(burst)[int(len(burst) * 0.99)], 3) if burst else None}
 
 
-def run(autoscale: bool, scale: float, threads: int, max_replicas: int) -> dict:
+def run(autoscale: bool, trace: list[tuple[float, float]], scale: float, threads: int, max_replicas: int) -> dict:
     from app import App, AppConfig
 
     overrides = {"router.port": 0, "engine.dtype": "float32", "engine.max_model_len": 512, "engine.threads": threads,
                  "autoscale.enabled": autoscale, "autoscale.min_replicas": 1, "autoscale.max_replicas": max_replicas,
                  "autoscale.target_in_flight": 3, "autoscale.quiet_period_s": 10 * scale}
     with App(AppConfig.load(env={}, overrides=overrides)) as app:
-        records, samples = replay(app.url, app.served_model_name, scale)
+        records, samples = replay(app.url, app.served_model_name, trace, scale)
         decisions = app.status()["autoscale_decisions"]
     rows = per_second(records, samples)
     name = "autoscale" if autoscale else "fixed 1 replica"
-    return {"summary": summary(name, records, rows, scale), "per_second": rows, "decisions": decisions,
+    return {"summary": summary(name, records, rows, trace, scale), "per_second": rows, "decisions": decisions,
             "requests": [asdict(r) for r in records]}
 
 
@@ -160,11 +171,13 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="stretch (>1) or shrink the trace in time")
     parser.add_argument("--threads", type=int, default=1, help="OpenMP threads per engine (engine.threads)")
     parser.add_argument("--max-replicas", type=int, default=2, help="autoscale.max_replicas")
+    parser.add_argument("--spike-rps", type=float, help=f"requests/s during the spike (default {TRACE[SPIKE][1]:g})")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = [run(False, args.scale, args.threads, args.max_replicas),
-               run(True, args.scale, args.threads, args.max_replicas)]
+    trace = make_trace(args.spike_rps)
+    results = [run(False, trace, args.scale, args.threads, args.max_replicas),
+               run(True, trace, args.scale, args.threads, args.max_replicas)]
     (args.out / "traffic.json").write_text(json.dumps(results, indent=1))
     report(results, args, args.out)
 
@@ -172,7 +185,7 @@ def main() -> None:
 def report(results: list[dict], args: argparse.Namespace, out: Path) -> None:
     plot(results, out)
     fixed, scaled = (result["summary"] for result in results)
-    lines = ["# Bursty traffic: fixed vs autoscaled", "", f"Trace (seconds, requests/s): {TRACE}, time scale "
+    lines = ["# Bursty traffic: fixed vs autoscaled", "", f"Trace (seconds, requests/s): {make_trace(args.spike_rps)}, time scale "
              f"{args.scale}. Streaming chat, 128 tokens, demo model (tiny), float32, fork launcher, "
              f"{args.threads} engine thread(s) per replica on this {os.cpu_count()}-core machine, autoscaled "
              f"between 1 and {args.max_replicas} replicas. Both runs in one invocation, nothing else running.", "",
