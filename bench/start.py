@@ -219,7 +219,8 @@ def summarise(results: dict) -> str:
                          f"{_median([r.get('cpu_s') for r in rows])} | {memory} |")
         plain = runs["plain"]
         lines.append(f"| {shape} | plain vLLM server | – | – | – | – | **{plain['first_token_s']}** | "
-                     f"{plain.get('model_init_s')} | – | {plain.get('kv_cache_and_warmup_s')} | {plain['cpu_s']} | – |")
+                     f"{_median([plain.get('model_init_s')])} | – | {_median([plain.get('kv_cache_and_warmup_s')])} | "
+                     f"{plain['cpu_s']} | – |")
         ratio = first["spawn"] / first["fork"] if first["fork"] and first["spawn"] else None
         target = TARGETS_S.get(shape)
         if target is not None and first["fork"] is not None:

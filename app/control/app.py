@@ -39,7 +39,6 @@ class App:
         self.config = config or AppConfig.load()
         self._runtime = Runtime(self.config.runtime)
         self._router: Any = None
-        self._weight_cache: Any = None
         self._weights: WeightCacheClient | None = None  # None: weights.enabled is off
         self._scaler: Scaler | None = None
         self._scale_requests: ScaleRequestServer | None = None
@@ -94,10 +93,10 @@ class App:
         identity = WeightIdentity(
             content=content_digest(self.model_dir, self.config.demo_cache_dir / "digests.json"),
             dtype=self.config.engine.dtype, quantization=None, vllm_version=_vllm_version())
-        self._weight_cache = WeightCache.options(yr.InvokeOptions(concurrency=16)).invoke(
+        actor = WeightCache.options(yr.InvokeOptions(concurrency=16)).invoke(
             self._runtime.ds_address, weights.tier, PlanKind(weights.cpu_mode), VerifyMode(weights.verify),
             weights.timeout_ms, self.config.engine.start_timeout_s)
-        return WeightCacheClient(self._weight_cache, identity, self._runtime.ds_address or "")
+        return WeightCacheClient(actor, identity, self._runtime.ds_address or "")
 
     def _engine_spec(self, replica_id: str) -> EngineSpec:
         return EngineSpec.from_config(self.config, replica_id=replica_id, model=self.model_dir,
@@ -113,8 +112,9 @@ class App:
         if self._scaler is not None:
             self._scaler.stop_all()
         ENGINE_POOL.close()
-        _finish_actor(self._weight_cache, "clear")  # frees the cached weights in the data system
-        self._weight_cache = self._weights = None
+        if self._weights is not None:
+            _finish_actor(self._weights.actor, "clear")  # frees the cached weights in the data system
+            self._weights = None
         _finish_actor(self._router, "stop")
         self._router = None
         self._scaler = None

@@ -16,8 +16,8 @@ logger = logging.getLogger(__name__)
 
 
 class WeightCacheClient:
-    def __init__(self, cache: Any, identity: WeightIdentity, ds_address: str) -> None:
-        self._cache = cache  # the WeightCache actor's handle
+    def __init__(self, actor: Any, identity: WeightIdentity, ds_address: str) -> None:
+        self.actor = actor  # the WeightCache actor's handle
         self.identity = identity
         self._ds_address = ds_address
 
@@ -25,7 +25,7 @@ class WeightCacheClient:
         import yr
 
         try:
-            return yr.get(self._cache.plan.invoke(self.identity, replica_id, report_path))
+            return yr.get(self.actor.plan.invoke(self.identity, replica_id, report_path))
         except Exception as exc:  # noqa: BLE001 - the replica still starts, from disk
             logger.warning("the WeightCache could not plan %s (%s); it loads from disk", replica_id, exc)
             return WeightPlan(kind=PlanKind.DISK, replica_id=replica_id, fingerprint=self.identity.fingerprint,
@@ -39,9 +39,9 @@ class WeightCacheClient:
 
         try:
             if failed or report is None:
-                yr.get(self._cache.abandon.invoke(replica_id))
+                yr.get(self.actor.abandon.invoke(replica_id))
             else:
-                yr.get(self._cache.report.invoke(report))
+                yr.get(self.actor.report.invoke(report))
         except Exception:  # noqa: BLE001 - bookkeeping; serving goes on without it
             logger.exception("could not report %s's weight load to the WeightCache", replica_id)
 
@@ -49,11 +49,11 @@ class WeightCacheClient:
         import yr
 
         try:
-            yr.get(self._cache.release.invoke(replica_id))
+            yr.get(self.actor.release.invoke(replica_id))
         except Exception:  # noqa: BLE001 - the replica is stopped regardless
             logger.exception("releasing %s's weights failed", replica_id)
 
     def stats(self) -> dict[str, object]:
         import yr
 
-        return yr.get(self._cache.stats.invoke())
+        return yr.get(self.actor.stats.invoke())

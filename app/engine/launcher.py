@@ -28,6 +28,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from app.files import tail
 from app.runtime.processes import die_with_parent
 
 #: Exit code of an engine process whose EngineCore died.
@@ -132,17 +133,11 @@ def watch_core(pid: int, log_file: Path) -> None:
     def watch() -> None:
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
+        last_lines = tail(log_file, 20) or "(no log)"
         # The summary comes last, so that whoever reads the end of this server's log reads it.
-        print(f"yrllm: the last log lines of EngineCore (pid {pid}, {log_file}):\n{_tail(log_file)}\n"
+        print(f"yrllm: the last log lines of EngineCore (pid {pid}, {log_file}):\n{last_lines}\n"
               f"yrllm: EngineCore (pid {pid}) exited with code {code} at {time.time():.3f}; "
               "this engine server exits too", file=sys.stderr, flush=True)
         os._exit(CORE_DIED)
 
     threading.Thread(target=watch, name="engine-core-watch", daemon=True).start()
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

@@ -13,7 +13,6 @@ fallback) and writes a LaunchReport. The server, its routes, streaming and error
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import sys
 import time
@@ -23,9 +22,8 @@ from app.engine.launch_report import Launcher, LaunchReport
 from app.engine.launcher import external_engine_args, fork_core, fork_support, threads_running, watch_core
 from app.engine.preimports import CACHE_DIR_ENV, preimport, record_when_serving
 from app.engine.spec import EngineSpec
+from app.files import write_atomically
 from app.runtime.processes import child_environment, free_port
-
-logger = logging.getLogger("vllm.yrllm.engine")  # under "vllm." so that vLLM's logging prints it
 
 #: Printed once the standby is warm (imports done, heap frozen).
 STANDBY_READY = "yrllm: engine process ready for its spec"
@@ -57,7 +55,9 @@ def main() -> None:
 
     report = LaunchReport(replica_id=spec.replica_id, launcher=Launcher.SPAWN, preimported_modules=preimported,
                           spec_received_at=received)
-    server_args = spec.server_args()
+    args = parser.parse_args(spec.server_args())
+    configure_logging_from_args(args)  # before the fork: the core logs the same way
+    validate_parsed_serve_args(args)
     wants_fork = spec.launcher is Launcher.FORK
     # Checked at standby start; threads again now, in case something started one since.
     refusal = (fork_refusal or threads_running()) if wants_fork else None
@@ -66,29 +66,17 @@ def main() -> None:
         print(f"yrllm: {report.reason}; using the spawn launcher", file=sys.stderr, flush=True)
     elif wants_fork:
         rpc_port = free_port(spec.host)
-        core_args = parser.parse_args(server_args)
-        configure_logging_from_args(core_args)
-        validate_parsed_serve_args(core_args)
         core_log = spec.core_log_path
-        pid = fork_core(core_args, spec.host, rpc_port, core_log, on_start=lambda: record_when_serving(
+        pid = fork_core(args, spec.host, rpc_port, core_log, on_start=lambda: record_when_serving(
             f"{spec.url}/health", cache_dir, "core", spec.start_timeout_s))
         watch_core(pid, core_log)
         report.launcher, report.core_pid, report.core_log = Launcher.FORK, pid, str(core_log)
         report.core_forked_at = time.time()
-        server_args += external_engine_args(spec.host, rpc_port)
-    args = parser.parse_args(server_args)
-    configure_logging_from_args(args)
-    validate_parsed_serve_args(args)
-    _write(spec.launch_report_path, report)
+        args = parser.parse_args(spec.server_args() + external_engine_args(spec.host, rpc_port))
+    write_atomically(spec.launch_report_path, report.model_dump_json())
     record_when_serving(f"{spec.url}/health", cache_dir, "server", spec.start_timeout_s)
     # run_server binds first, builds the engine client, serves; SIGTERM shuts it down, then exits.
     uvloop.run(run_server(args))
-
-
-def _write(path: Path, report: LaunchReport) -> None:
-    scratch = path.with_suffix(".tmp")
-    scratch.write_text(report.model_dump_json())
-    scratch.replace(path)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import sys
 import threading
 import time
@@ -19,6 +18,8 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
+
+from app.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +83,7 @@ def record_when_serving(health_url: str, cache_dir: Path | None, role: str, time
         names = known | {name for name in list(sys.modules) if name not in _NEVER}
         if names == known:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_name(f".{path.name}.{os.getpid()}")
-        scratch.write_text("\n".join(sorted(names)) + "\n")
-        scratch.replace(path)  # atomic: a standby never reads half a list
+        write_atomically(path, "\n".join(sorted(names)) + "\n")  # a standby never reads half a list
         logger.info("recorded %d modules a %s start imports in %s", len(names), role, path)
 
     threading.Thread(target=record, name=f"record-{role}-modules", daemon=True).start()

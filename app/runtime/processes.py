@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from app.files import tail
+
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
@@ -90,10 +92,7 @@ class ChildProcess:
             return ""
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return tail(self.log_file, lines)
 
     def stop(self, grace_s: float = 30.0) -> int:
         """SIGTERM the child (it stops its own children), wait up to ``grace_s``, then SIGKILL whatever

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from app.files import write_atomically
+
 # The data system's key rule (REFERENCE.md): no '.' and no '/', at most 255 characters.
 _KEY_RULE = re.compile(r"^[a-zA-Z0-9\-_!@#%\^\*\(\)\+\=\:;]{1,255}$")
 KEY_PREFIX = "yrllm"
@@ -52,10 +54,7 @@ def content_digest(model_dir: Path, cache_file: Path | None = None) -> str:
             cache[stamp] = inner.hexdigest()
         outer.update(f"{path.name}\0{cache[stamp]}\n".encode())
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        scratch = cache_file.with_suffix(".tmp")
-        scratch.write_text(json.dumps(cache))
-        scratch.replace(cache_file)
+        write_atomically(cache_file, json.dumps(cache))
     return outer.hexdigest()
 
 

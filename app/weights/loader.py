@@ -18,8 +18,6 @@ It imports only the weight plane and vLLM: it runs inside vLLM's processes.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +29,7 @@ from vllm.config.load import LoadConfig
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader import BaseModelLoader, DefaultModelLoader, register_model_loader
 
+from app.files import write_atomically
 from app.weights.host_tier import HostTier, TierError
 from app.weights.identity import RankLayout, WeightKeys
 from app.weights.load_report import LoadReport, PlanKind, WeightSource
@@ -277,7 +276,4 @@ def _publish(tier: HostTier, keys: WeightKeys, layout: RankLayout, params: list[
 
 
 def _write_report(path: Path, report: LoadReport) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_suffix(f".{os.getpid()}.tmp")
-    scratch.write_text(json.dumps(report.model_dump(mode="json")))
-    scratch.replace(path)
+    write_atomically(path, report.model_dump_json())
