@@ -29,8 +29,8 @@ class Prefill:
     def info(self) -> ReplicaInfo:
         return self._host.info()
 
-    def check_health(self) -> None:
-        self._host.check_health()
+    def check_health(self, timeout_s: float) -> None:
+        self._host.check_health(timeout_s)
 
     def launch_report(self) -> LaunchReport | None:
         return self._host.launch_report()
@@ -44,5 +44,5 @@ class Prefill:
     def timeline(self) -> dict[str, float]:
         return dict(self._host.timeline)
 
-    def stop(self) -> ReplicaInfo:
-        return self._host.stop()
+    def stop(self, grace_s: float = 30.0) -> ReplicaInfo:
+        return self._host.stop(grace_s)

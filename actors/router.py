@@ -7,6 +7,7 @@ from typing import Any
 import yr
 
 from app.config import RouterConfig
+from app.events import Event
 from app.replica import ReplicaInfo
 from app.router.scale_mailbox import ScaleRequest
 from app.router.server import RouterServer
@@ -34,6 +35,9 @@ class Router:
 
     def record_decision(self, decision: dict[str, Any]) -> None:
         self._server.record_decision(decision)
+
+    def record_event(self, event: Event) -> None:
+        self._server.record_event(event)
 
     def status(self) -> dict[str, Any]:
         return self._server.snapshot()

@@ -24,8 +24,8 @@ class WeightCache:
     def plan(self, identity: WeightIdentity, replica_id: str, report_path: Path) -> WeightPlan:
         return self._cache.plan(identity, replica_id, report_path)
 
-    def report(self, report: LoadReport) -> None:
-        self._cache.report(report)
+    def report(self, report: LoadReport) -> str | None:
+        return self._cache.report(report)
 
     def abandon(self, replica_id: str) -> None:
         self._cache.abandon(replica_id)
@@ -35,6 +35,9 @@ class WeightCache:
 
     def retire(self, fingerprint: str) -> bool:
         return self._cache.retire(fingerprint)
+
+    def forget_all(self) -> int:
+        return self._cache.forget_all()
 
     def clear(self) -> None:
         self._cache.clear()

@@ -121,6 +121,24 @@ class AutoscaleConfig(_Section):
         return self
 
 
+class SupervisionConfig(_Section):
+    """How the App keeps itself as configured (section ``supervision``): replicas that die or stop
+    answering are taken out of the Router and replaced, a local data system worker that dies is
+    restarted."""
+
+    enabled: bool = Field(True, description="Watch the replicas and the data system worker, and heal.")
+    interval_s: float = Field(0.25, gt=0, le=1.0, description="Seconds between checks of the replicas' "
+                              "processes (a dead engine is noticed within this long) and of the worker.")
+    health_check_interval_s: float = Field(1.0, gt=0, description="Seconds between two /health checks "
+                                           "of one replica.")
+    health_check_timeout_s: float = Field(1.0, gt=0, description="A /health answer slower than this is "
+                                          "a failed check.")
+    health_check_failures: int = Field(3, ge=1, description="Failed /health checks in a row that declare "
+                                       "a live but unresponsive replica failed (a hung or stopped engine).")
+    replace_backoff_max_s: float = Field(30.0, gt=0, description="A replacement that fails to start is "
+                                         "retried after 1 s, then twice as long each time, up to this.")
+
+
 class RuntimeMode(str, Enum):
     """Where the actors and the data system come from."""
 
@@ -183,6 +201,7 @@ class AppConfig(BaseSettings):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @field_validator("model")

@@ -45,3 +45,4 @@ class ReplicaInfo(BaseModel):
     log: str | None = None  # the engine process's log file
     launcher: str | None = None  # how its EngineCore was started: fork or spawn
     core_pid: int | None = None  # its forked EngineCore (fork launcher)
+    failure: str | None = None  # FAILED: why (the exit code and the engine's last log line)

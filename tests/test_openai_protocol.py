@@ -27,10 +27,10 @@ def test_rejects_with_status_and_param(route, raw, status, param):
 
 
 def test_accepts_a_valid_request_unchanged():
-    request = parse_request(Route.CHAT_COMPLETIONS,
-                            b'{"model": "demo", "messages": [{"role": "user", "content": "x"}], '
-                            b'"stream": true, "temperature": 0}', MODELS)
-    assert request.stream and request.body["temperature"] == 0
+    raw = b'{"model": "demo", "messages": [{"role": "user", "content": "x"}], "stream": true, "temperature": 0.10}'
+    request = parse_request(Route.CHAT_COMPLETIONS, raw, MODELS)
+    assert request.stream and request.body["temperature"] == 0.1
+    assert request.raw is raw  # forwarded as received, not re-encoded
 
 
 def test_unavailable_carries_retry_after():

@@ -75,12 +75,38 @@ def test_the_cache_outlives_the_seed_replica(cache):
     assert plan(cache, "later").kind is PlanKind.MAP
 
 
-def test_fallbacks_are_counted(cache):
+def test_an_entry_that_could_not_serve_is_retired_and_the_next_replica_seeds(cache):
     plan(cache, "s")
     cache.report(loaded("s", PlanKind.SEED, WeightSource.DISK))
-    plan(cache, "f")
-    cache.report(loaded("f", PlanKind.MAP, WeightSource.DISK, fallback="checksum mismatch"))
-    assert cache.stats()["fallbacks"] == 1 and cache.stats()["bytes_served"] == 0
+    plan(cache, "f1")
+    plan(cache, "f2")  # planned on the same entry, still loading when f1 reports
+    reason = cache.report(loaded("f1", PlanKind.MAP, WeightSource.DISK, fallback="checksum mismatch"))
+    assert reason == "f1 could not use it: checksum mismatch"
+    assert cache.stats()["fallbacks"] == 1 and cache.stats()["retired"] == 1
+    assert cache.stats()["bytes_served"] == 0 and cache.stats()["entries"] == []
+    assert plan(cache, "s2").kind is PlanKind.SEED
+    # f2's fallback concerns the retired entry, not the new seed's: nothing more is retired.
+    assert cache.report(loaded("f2", PlanKind.MAP, WeightSource.DISK, fallback="key missing")) is None
+    assert [e["seed_replica"] for e in cache.stats()["entries"]] == ["s2"]
+    cache.report(loaded("s2", PlanKind.SEED, WeightSource.DISK))
+    assert plan(cache, "f3").kind is PlanKind.MAP
+
+
+def test_a_follower_of_a_failed_seed_retires_nothing(cache):
+    plan(cache, "s")
+    plan(cache, "f")  # awaits the seed
+    cache.report(loaded("s", PlanKind.SEED, WeightSource.DISK, fallback="publishing failed"))
+    assert cache.report(loaded("f", PlanKind.MAP, WeightSource.DISK, fallback="the seed failed")) is None
+    assert cache.stats()["fallbacks"] == 1 and cache.stats()["retired"] == 0
+
+
+def test_forget_all_drops_entries_without_asking_the_data_system():
+    cache = WeightCache("127.0.0.1:1")  # nothing listens: forget_all must not call it
+    plan(cache, "s")
+    cache.report(loaded("s", PlanKind.SEED, WeightSource.DISK))
+    assert cache.forget_all() == 1
+    assert cache.stats()["entries"] == [] and cache.stats()["retired"] == 1
+    assert plan(cache, "s2").kind is PlanKind.SEED
 
 
 def test_different_identities_get_different_entries(cache):

@@ -1,8 +1,9 @@
 """The App: one program that starts the runtime, the Router, the WeightCache and the engine replicas,
 scales them, and tears everything down, whatever happens.
 
-It composes the control plane: ``Scaler`` (the replicas), ``Autoscaler`` (following the traffic) and
-``ScaleRequestServer`` (scaling over HTTP). This module is their lifecycle, nothing more.
+It composes the control plane: ``Scaler`` (the replicas), ``Supervisor`` (healing what dies),
+``Autoscaler`` (following the traffic) and ``ScaleRequestServer`` (scaling over HTTP). This module is
+their lifecycle, nothing more.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 
 from app.config import AppConfig, AutoscaleConfig
 from app.control.autoscaler import Autoscaler
+from app.control.event_log import EventLog
 from app.control.scale_report import ScaleReport
 from app.control.scale_requests import ScaleRequestServer
 from app.control.scaling import Scaler
+from app.control.supervisor import Supervisor
 from app.control.weight_client import WeightCacheClient
 from app.engine.pool import ENGINE_POOL
 from app.engine.spec import EngineSpec
@@ -43,6 +46,7 @@ class App:
         self._scaler: Scaler | None = None
         self._scale_requests: ScaleRequestServer | None = None
         self._autoscaler: Autoscaler | None = None
+        self._supervisor: Supervisor | None = None
         self._log_dir = Path(tempfile.mkdtemp(prefix="yrllm-logs-"))
         self.model_dir: Path | None = None
         self.served_model_name: str | None = None
@@ -75,12 +79,18 @@ class App:
         self.router_port = yr.get(self._router.start.invoke())
         if self.config.weights.enabled:
             self._weights = self._start_weight_cache()
-        self._scaler = Scaler(self._engine_spec, self._router, self._weights, self.config.router.drain_timeout_s)
+        events = EventLog(self._router)
+        self._scaler = Scaler(self._engine_spec, self._router, self._weights, self.config.router.drain_timeout_s,
+                              events)
         self._scale_requests = ScaleRequestServer(self._router, self._scaler)
         self._scale_requests.start()
         self.start_report = self.scale(self.config.replicas)
         if not self.start_report.ok:
             raise RuntimeError(f"the App could not start its replicas:\n{self.start_report}")
+        if self.config.supervision.enabled:
+            self._supervisor = Supervisor(self.config.supervision, self._scaler, self._runtime, self._weights,
+                                          events)
+            self._supervisor.start()
         if self.config.autoscale.enabled:
             self.autoscale(self.config.autoscale)
 
@@ -106,6 +116,9 @@ class App:
         """Stop every replica, the Router, the runtime and the data system worker. Idempotent, and
         safe to call from a failed ``start``."""
         self.autoscale(None)
+        if self._supervisor is not None:
+            self._supervisor.stop()  # first: nothing may be healed while it is being stopped
+            self._supervisor = None
         if self._scale_requests is not None:
             self._scale_requests.stop()
             self._scale_requests = None

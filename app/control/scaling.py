@@ -3,7 +3,8 @@
 Scale-out: per new replica, a weight plan from the WeightCache, a ``Prefill`` actor started with it,
 a first token, then the Router routes to it. New replicas start in parallel. Scale-in: the replica
 leaves the Router's pool, its in-flight requests finish (drain), then it stops. Every scaling
-answers with a ``ScaleReport``.
+answers with a ``ScaleReport``. The Scaler remembers the count last asked for (``desired``): the
+``Supervisor`` takes failed replicas out (``fail``) and scales back to it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from app.config import MAX_REPLICAS
+from app.control.event_log import EventLog
 from app.control.scale_report import ReplicaReport, ScaleReport
 from app.control.weight_client import WeightCacheClient
 from app.engine.spec import EngineSpec
+from app.events import EventKind
 from app.replica import ReplicaInfo, ReplicaState
 from app.weights.load_report import LoadReport
 from app.weights.plan import LOAD_FORMAT
@@ -37,17 +40,20 @@ class _Replica:
     actor: Any  # the Prefill actor's handle
     info: ReplicaInfo
     seq: int
+    serving: bool = False  # published to the Router as ready: from now on, supervised
 
 
 class Scaler:
     """Owns the replicas. ``scale`` waits for its turn; ``scale_if_idle`` does not (the autoscaler)."""
 
     def __init__(self, new_spec: Callable[[str], EngineSpec], router: Any, weights: WeightCacheClient | None,
-                 drain_timeout_s: float) -> None:
+                 drain_timeout_s: float, events: EventLog) -> None:
         self._new_spec = new_spec  # replica id -> its EngineSpec
         self._router = router
         self._weights = weights  # None: weights.enabled is off, vLLM's own loader
         self._drain_timeout_s = drain_timeout_s
+        self._events = events
+        self.desired = 0  # the replica count last asked for
         self._replicas: dict[str, _Replica] = {}
         self._seq = itertools.count(1)
         self._lock = threading.Lock()  # guards _replicas
@@ -81,6 +87,25 @@ class Scaler:
         finally:
             self._turn.release()
 
+    def serving(self) -> dict[str, Any]:
+        """The replicas the Router routes to: replica id -> its actor (for the Supervisor)."""
+        with self._lock:
+            return {r.replica_id: r.actor for r in self._replicas.values()
+                    if r.serving and r.info.state is ReplicaState.READY}
+
+    def fail(self, replica_id: str, reason: str) -> bool:
+        """Take a serving replica that died or hangs out of the Router at once, then stop whatever is
+        left of it, with no grace. False if it is not serving any more (scaled in meanwhile)."""
+        with self._lock:
+            replica = self._replicas.get(replica_id)
+            if replica is None or not replica.serving or replica.info.state is not ReplicaState.READY:
+                return False
+            del self._replicas[replica_id]
+        self._events.record(EventKind.REPLICA_FAILED, replica_id, reason)
+        self._publish()
+        self._stop(replica, grace_s=0)
+        return True
+
     def stop_all(self) -> None:
         """Stop every replica at once, without draining (shutdown)."""
         with self._lock:
@@ -90,6 +115,7 @@ class Scaler:
             self._stop(replica)
 
     def _scale(self, replicas: int) -> ScaleReport:
+        self.desired = replicas
         started = time.time()
         before = self.count
         if replicas > before:
@@ -139,11 +165,12 @@ class Scaler:
         if weights is not None:
             timeline["weights_loaded"] = weights.finished_at
         if error is not None:
-            self._stop(replica)
+            self._stop(replica, grace_s=5)
             with self._lock:
                 self._replicas.pop(replica_id, None)
             state = ReplicaState.FAILED
         else:
+            replica.serving = True
             self._publish()
             state = replica.info.state
         return ReplicaReport(replica_id=replica_id, action="added", state=state, timeline=timeline,
@@ -158,7 +185,9 @@ class Scaler:
             logger.exception("could not collect the load report of %s", replica_id)
             report = None
         if self._weights is not None:
-            self._weights.settle(replica_id, report, failed)
+            retired = self._weights.settle(replica_id, report, failed)
+            if retired is not None:
+                self._events.record(EventKind.CACHE_ENTRY_RETIRED, self._weights.identity.fingerprint, retired)
         return report
 
     # ---- scale-in ------------------------------------------------------------------------------------
@@ -169,15 +198,16 @@ class Scaler:
         with self._lock:
             victims = sorted(self._replicas.values(),
                              key=lambda r: (_SCALE_IN_ORDER[r.info.state], -r.seq))[:count]
+            for replica in victims:  # under the lock: the Supervisor fails only READY replicas
+                replica.info = replica.info.model_copy(update={"state": ReplicaState.DRAINING})
         reports = []
         for replica in victims:
             requested = time.time()
-            replica.info = replica.info.model_copy(update={"state": ReplicaState.DRAINING})
             drained = yr.get(self._router.drain.invoke(replica.replica_id, self._drain_timeout_s))
             drained_at = time.time()
             self._stop(replica)
             with self._lock:
-                del self._replicas[replica.replica_id]
+                self._replicas.pop(replica.replica_id, None)
             self._publish()
             reports.append(ReplicaReport(
                 replica_id=replica.replica_id, action="removed", state=ReplicaState.STOPPED,
@@ -186,13 +216,13 @@ class Scaler:
                                            f"{self._drain_timeout_s:.0f} s"))
         return reports
 
-    def _stop(self, replica: _Replica) -> None:
+    def _stop(self, replica: _Replica, grace_s: float = 30.0) -> None:
         import yr
 
         if self._weights is not None:
             self._weights.release(replica.replica_id)
         try:
-            yr.get(replica.actor.stop.invoke(), timeout=120)
+            yr.get(replica.actor.stop.invoke(grace_s), timeout=120)
         except Exception:  # noqa: BLE001 - the actor is terminated below regardless
             logger.exception("stopping replica %s failed", replica.replica_id)
         try:

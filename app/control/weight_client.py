@@ -32,18 +32,27 @@ class WeightCacheClient:
                               ds_address=self._ds_address, report_path=report_path,
                               reason=f"WeightCache unavailable: {type(exc).__name__}: {exc}")
 
-    def settle(self, replica_id: str, report: LoadReport | None, failed: bool) -> None:
+    def settle(self, replica_id: str, report: LoadReport | None, failed: bool) -> str | None:
         """Tell the cache how the replica's load went: its report, or that it never became a replica
-        (a failed seed is then abandoned and the next replica seeds again)."""
+        (a failed seed is then abandoned and the next replica seeds again). Returns why the cache
+        retired its entry, if this report made it."""
         import yr
 
         try:
             if failed or report is None:
                 yr.get(self.actor.abandon.invoke(replica_id))
-            else:
-                yr.get(self.actor.report.invoke(report))
+                return None
+            return yr.get(self.actor.report.invoke(report))
         except Exception:  # noqa: BLE001 - bookkeeping; serving goes on without it
             logger.exception("could not report %s's weight load to the WeightCache", replica_id)
+            return None
+
+    def forget_all(self) -> int:
+        """The data system worker died with every cached object: drop the entries (the next replica
+        seeds again). Returns how many were dropped."""
+        import yr
+
+        return yr.get(self.actor.forget_all.invoke())
 
     def release(self, replica_id: str) -> None:
         import yr

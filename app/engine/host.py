@@ -41,6 +41,7 @@ class EngineHost:
         self._role = role
         self._state = ReplicaState.PENDING
         self._process: ChildProcess | None = None
+        self._failure: str | None = None
         self._lock = threading.Lock()
         self.timeline: dict[str, float] = {"actor_up": time.time()}
 
@@ -49,15 +50,20 @@ class EngineHost:
         return self._spec
 
     def info(self) -> ReplicaInfo:
+        """The replica as it is now. A READY replica whose engine process is gone (its core died, or
+        it did) reads FAILED, with the exit code and the engine's last log line: this is how the
+        App's supervision notices a dead engine, from the process, without any HTTP."""
         if self._state is ReplicaState.READY and self._process is not None and self._process.poll() is not None:
-            self._state = ReplicaState.FAILED  # the engine process is gone (its core died, or it did)
+            self._state = ReplicaState.FAILED
+            last_line = (self._process.log_tail(1).strip() or "no log")[-300:]
+            self._failure = f"engine process exited with code {self._process.poll()}: {last_line}"
         launch = self.launch_report() if self._process is not None else None
         return ReplicaInfo(replica_id=self._spec.replica_id, role=self._role, state=self._state,
                            url=self._spec.url if self._state is ReplicaState.READY else None,
                            pid=self._process.pid if self._process else None,
                            log=str(self._process.log_file) if self._process else None,
                            launcher=launch.launcher.value if launch else None,
-                           core_pid=launch.core_pid if launch else None)
+                           core_pid=launch.core_pid if launch else None, failure=self._failure)
 
     def start(self) -> ReplicaInfo:
         with self._lock:
@@ -98,29 +104,29 @@ class EngineHost:
         raise EngineFailed(f"engine {self._spec.replica_id} not ready after "
                            f"{self._spec.start_timeout_s:.0f} s; log {self._process.log_file}")
 
-    def _healthy(self) -> bool:
+    def _healthy(self, timeout_s: float = 2.0) -> bool:
         try:
-            with urllib.request.urlopen(f"{self._spec.url}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"{self._spec.url}/health", timeout=timeout_s) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
 
-    def check_health(self) -> None:
-        """Raise if the replica cannot serve."""
-        if self._state is not ReplicaState.READY:
-            raise EngineFailed(f"replica {self._spec.replica_id} is {self._state.value}")
-        assert self._process is not None
-        if self._process.poll() is not None:
-            self._state = ReplicaState.FAILED
-            raise EngineFailed(f"engine {self._spec.replica_id} exited with code {self._process.poll()}")
-        if not self._healthy():
-            raise EngineFailed(f"engine {self._spec.replica_id} does not answer /health")
+    def check_health(self, timeout_s: float = 2.0) -> None:
+        """Raise ``EngineFailed`` if the replica cannot serve: not ready, process gone, or no /health
+        answer within ``timeout_s`` (a hung or stopped engine)."""
+        info = self.info()
+        if info.state is not ReplicaState.READY:
+            raise EngineFailed(info.failure or f"replica {self._spec.replica_id} is {info.state.value}")
+        if not self._healthy(timeout_s):
+            raise EngineFailed(f"no /health answer within {timeout_s:g} s")
 
-    def stop(self) -> ReplicaInfo:
-        """Stop the engine (its EngineCore too). Idempotent."""
+    def stop(self, grace_s: float = 30.0) -> ReplicaInfo:
+        """Stop the engine (its EngineCore too): SIGTERM, then after ``grace_s`` SIGKILL to its whole
+        process group. A failed replica is stopped with no grace (a stopped process cannot act on
+        SIGTERM). Idempotent."""
         with self._lock:
             if self._process is not None:
-                code = self._process.stop()
+                code = self._process.stop(grace_s)
                 logger.info("engine %s stopped (exit code %s)", self._spec.replica_id, code)
             if self._state is not ReplicaState.FAILED:
                 self._state = ReplicaState.STOPPED

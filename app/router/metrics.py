@@ -24,6 +24,15 @@ class RouterMetrics:
                                     registry=self.registry)
         self.in_flight = Gauge(f"{PREFIX}_in_flight_requests", "Requests in flight, per replica.",
                                ["replica"], registry=self.registry)
+        self.retries = Counter(f"{PREFIX}_retries", "Requests sent to a second replica because the first "
+                               "failed before any byte reached the client, by failure (connect, "
+                               "disconnect).", ["reason"], registry=self.registry)
+        self.broken_streams = Counter(f"{PREFIX}_broken_streams", "Answers cut by their replica's failure "
+                                      "after bytes reached the client (they end with an error event).",
+                                      ["route"], registry=self.registry)
+        self.supervision_events = Counter(f"{PREFIX}_supervision_events", "What the App's supervision "
+                                          "noticed and did, by kind (see /status 'events').", ["kind"],
+                                          registry=self.registry)
         self.replicas = Gauge(f"{PREFIX}_replicas", "Replicas known to the Router, by state.", ["state"],
                               registry=self.registry)
 

@@ -1,6 +1,11 @@
 """The Router's client side: one connection pool to every replica, and forwarding one request to one
 replica with its answer streamed back to the client as it arrives (SSE chunks are passed through
-untouched)."""
+untouched).
+
+A replica that fails before any byte reached the client raises ``NothingSent``: the request can go
+to another replica (Envoy's "connect-failure, reset" retry policy). Timeouts are not in that class: a
+request that timed out may still be running on its replica.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from aiohttp import web
 
 from app.replica import ReplicaInfo
 from app.router.metrics import RouterMetrics
-from app.router.openai_protocol import Route, upstream_failed
+from app.router.openai_protocol import ApiError, Route, upstream_failed
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +36,16 @@ class ClientGone(Exception):
     def __init__(self, response: web.StreamResponse) -> None:
         super().__init__("client gone")
         self.response = response
+
+
+class NothingSent(Exception):
+    """The replica could not be reached, or closed the connection, before any byte of the answer
+    reached the client."""
+
+    def __init__(self, reason: str, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.reason = reason  # "connect" or "disconnect": the retry metric's label
+        self.error = error  # what the client gets if there is no retry left
 
 
 class Upstream:
@@ -56,8 +71,9 @@ class Upstream:
     async def forward(self, request: web.Request, route: Route, body: bytes, replica: ReplicaInfo,
                       request_id: str) -> web.StreamResponse:
         """Send ``body`` to ``replica`` and stream its answer back. A replica that fails before the
-        answer started is a 502 (``ApiError``); one that fails mid-stream ends the stream with an
-        OpenAI error event, the status line being already sent."""
+        answer started raises ``NothingSent`` (a connection failure: retry elsewhere) or a 502
+        ``ApiError`` (a timeout); one that fails mid-stream ends the stream with an OpenAI error
+        event, the status line being already sent."""
         assert self._session is not None, "Upstream.open() first"
         started = time.perf_counter()
         response: web.StreamResponse | None = None
@@ -85,8 +101,12 @@ class Upstream:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             logger.warning("replica %s failed request %s: %r", replica.replica_id, request_id, exc)
             if response is None or not response.prepared:
-                raise upstream_failed(repr(exc)) from None
+                if isinstance(exc, asyncio.TimeoutError):  # aiohttp's ServerTimeoutError is one too
+                    raise upstream_failed(repr(exc)) from None
+                reason = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "disconnect"
+                raise NothingSent(reason, upstream_failed(repr(exc))) from None
             # Headers are gone; the only honest signal left for a stream is an error event.
+            self._metrics.broken_streams.labels(route.value).inc()
             await _to_client(response, response.write(
                 b"data: " + json.dumps(upstream_failed(repr(exc)).body()).encode() + b"\n\n"))
             await _to_client(response, response.write_eof())

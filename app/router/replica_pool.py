@@ -43,9 +43,12 @@ class ReplicaPool:
         return [{**info.model_dump(mode="json"), "in_flight": in_flight.get(rid, 0)}
                 for rid, info in sorted(dict(self._replicas).items())]
 
-    def pick(self) -> ReplicaInfo | None:
-        """The ready replica for the next request (None if no replica is ready)."""
-        chosen = self._policy.select(self.ready_ids(), dict(self._in_flight))
+    def pick(self, avoid: str | None = None) -> ReplicaInfo | None:
+        """The ready replica for the next request (None if no replica is ready). ``avoid`` is taken
+        only if it is the one ready replica."""
+        ready = self.ready_ids()
+        others = [rid for rid in ready if rid != avoid]
+        chosen = self._policy.select(others or ready, dict(self._in_flight))
         return None if chosen is None else self._replicas[chosen]
 
     def started(self, replica_id: str) -> None:

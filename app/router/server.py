@@ -23,6 +23,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from app.config import RouterConfig
+from app.events import Event
 from app.replica import ReplicaInfo
 from app.router.metrics import RouterMetrics
 from app.router.openai_protocol import (
@@ -34,7 +35,7 @@ from app.router.openai_protocol import (
     parse_request,
     unauthorized,
 )
-from app.router.proxy import REQUEST_ID, ClientGone, Upstream
+from app.router.proxy import REQUEST_ID, ClientGone, NothingSent, Upstream
 from app.router.replica_pool import ReplicaPool
 from app.router.scale_mailbox import ScaleMailbox
 
@@ -58,6 +59,7 @@ class RouterServer:
         # (wall time, seconds to first byte) of recent proxied requests: the autoscaler's TTFT signal.
         self._first_bytes: deque[tuple[float, float]] = deque(maxlen=512)
         self._decisions: deque[dict[str, Any]] = deque(maxlen=20)
+        self._events: deque[dict[str, Any]] = deque(maxlen=50)
         self._upstream = Upstream(config.request_timeout_s, self._metrics,
                                   lambda ttft: self._first_bytes.append((time.time(), ttft)))
         self._runner: web.AppRunner | None = None
@@ -147,11 +149,17 @@ class RouterServer:
         self._metrics.autoscale_target.set(decision["target"])
         self._metrics.autoscale_decisions.labels(decision["reason"].split(":")[0]).inc()
 
+    def record_event(self, event: Event) -> None:
+        """Show a supervision event in /status and /metrics. Thread-safe."""
+        self._events.append(event.model_dump(mode="json"))
+        self._metrics.supervision_events.labels(event.kind.value).inc()
+
     def snapshot(self) -> dict[str, Any]:
         """The ``/status`` document. Thread-safe (reads are of immutable snapshots)."""
         return {
             "models": self._models,
             "autoscale_decisions": list(self._decisions),
+            "events": list(self._events),
             "ready_replicas": len(self._pool.ready_ids()),
             "replicas": self._pool.rows(),
         }
@@ -214,10 +222,27 @@ class RouterServer:
         replica = self._pool.pick()
         if replica is None:
             raise no_replica_ready()
+        try:
+            return await self._forward(request, route, proxied.raw, replica)
+        except NothingSent as failed:
+            # Retried once, on another replica if there is one (the only one, if not: a connection
+            # the replica was closing is the common case there).
+            retry = self._pool.pick(avoid=replica.replica_id)
+            if retry is None:
+                raise failed.error from None
+            self._metrics.retries.labels(failed.reason).inc()
+            logger.info("request %s: %s failed before answering (%s); retrying on %s",
+                        request[_REQUEST_ID_KEY], replica.replica_id, failed.reason, retry.replica_id)
+            try:
+                return await self._forward(request, route, proxied.raw, retry)
+            except NothingSent as again:
+                raise again.error from None
+
+    async def _forward(self, request: web.Request, route: Route, body: bytes,
+                       replica: ReplicaInfo) -> web.StreamResponse:
         self._pool.started(replica.replica_id)
         try:
-            return await self._upstream.forward(request, route, proxied.encoded(), replica,
-                                                request[_REQUEST_ID_KEY])
+            return await self._upstream.forward(request, route, body, replica, request[_REQUEST_ID_KEY])
         finally:
             self._pool.finished(replica.replica_id)
 

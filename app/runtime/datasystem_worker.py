@@ -33,6 +33,7 @@ class DataSystemWorker:
         self._home = home
         self.host = host
         self.port: int | None = None
+        self._metastore_port: int | None = None
         self._process: ChildProcess | None = None
 
     @property
@@ -45,17 +46,36 @@ class DataSystemWorker:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    def exit_code(self) -> int | None:
+        """The worker's exit code once it has exited on its own; None while it runs (or before start)."""
+        return self._process.poll() if self._process else None
+
     def start(self, timeout_s: float = 60.0) -> str:
+        self.port, self._metastore_port = free_port(self.host), free_port(self.host)
+        return self._launch(timeout_s)
+
+    def restart(self, timeout_s: float = 60.0) -> str:
+        """Start a fresh worker at the same address, after this one died. Its objects died with it:
+        the new worker starts empty (its old state folder is removed, so that it does not recover
+        metadata of objects whose memory is gone). Processes that mapped objects of the old worker
+        keep those pages."""
+        if self._process is None or self._process.poll() is None:
+            raise RuntimeError("restart() is for a worker that has exited")
+        self._process.stop(grace_s=0)  # reaps it, and whatever is left of its process group
+        assert self._home is not None
+        shutil.rmtree(self._home / "datasystem", ignore_errors=True)
+        return self._launch(timeout_s)
+
+    def _launch(self, timeout_s: float) -> str:
         home = self._home or Path(tempfile.mkdtemp(prefix="yrllm-ds-"))
         self._home = home
         state = home / "datasystem"
         ready_file = state / "probe" / "ready"
         ready_file.unlink(missing_ok=True)  # a stale probe survives a stop and would lie
-        self.port, metastore_port = free_port(self.host), free_port(self.host)
         package = _package_dir()
         flags = {
             "worker_address": f"{self.host}:{self.port}",
-            "metastore_address": f"{self.host}:{metastore_port}",
+            "metastore_address": f"{self.host}:{self._metastore_port}",
             "start_metastore_service": "true",
             "shared_memory_size_mb": str(self._shared_memory_mb),
             "log_dir": state / "logs",

@@ -31,6 +31,19 @@ class Runtime:
     def worker_pid(self) -> int | None:
         return self._worker.pid if self._worker else None
 
+    def worker_exit_code(self) -> int | None:
+        """Local mode: the exit code of the App's data system worker if it died; None while it runs."""
+        return self._worker.exit_code() if self._worker else None
+
+    def restart_worker(self) -> float:
+        """Local mode: start a fresh data system worker at the same address (``ds_address`` stays
+        valid). Returns the seconds it took."""
+        if self._worker is None:
+            raise RuntimeError("only the App's own (local mode) data system worker can be restarted")
+        started = time.monotonic()
+        self._worker.restart(self._config.ds_start_timeout_s)
+        return time.monotonic() - started
+
     def start(self) -> None:
         import yr
 

@@ -8,7 +8,10 @@ start-up overlaps the seed's load instead of queueing behind it.
 
 The cache owns the entries, not the engines: host-tier objects in the data system outlive the engine
 that published them, so the seed replica can be scaled in and the cache stays. Entries are freed on
-``retire`` and ``clear`` (App shutdown).
+``retire`` and ``clear`` (App shutdown), and when they cannot serve: a replica planned to map or pull a
+ready entry that had to load from disk instead (checksum or manifest mismatch, missing object, data
+system gone) retires it, so the next replica seeds again instead of every later one falling back.
+``forget_all`` drops every entry after the data system worker holding them died.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class CacheStats(BaseModel):
     hits: int = 0  # replicas planned to map/pull
     misses: int = 0  # replicas planned to seed (cold loads)
     fallbacks: int = 0  # replicas that were planned to map/pull but loaded from disk
+    retired: int = 0  # entries freed because they could not serve, or died with the data system
     bytes_served: int = 0  # weight bytes replicas took from the data system
 
 
@@ -66,7 +70,7 @@ class WeightCache:
         self._timeout_ms = timeout_ms
         self._await_seed_s = await_seed_s
         self._entries: dict[str, CacheEntry] = {}
-        self._planned: dict[str, str] = {}  # replica id -> fingerprint
+        self._planned: dict[str, CacheEntry] = {}  # replica id -> the entry it was planned on
         self._stats = CacheStats()
         self._lock = threading.Lock()
         self._tier: HostTier | None = None
@@ -76,7 +80,7 @@ class WeightCache:
         with self._lock:
             entry = self._entries.get(fingerprint)
             if entry is None:
-                self._entries[fingerprint] = CacheEntry(identity, EntryState.SEEDING, replica_id)
+                entry = self._entries[fingerprint] = CacheEntry(identity, EntryState.SEEDING, replica_id)
                 self._stats.misses += 1
                 kind, await_s = PlanKind.SEED, 0.0
             else:
@@ -85,47 +89,63 @@ class WeightCache:
                 # Device objects are pulled device to device; only host memory can be mapped.
                 kind = self._cpu_mode if self._tier_name == "host" else PlanKind.PULL
                 await_s = self._await_seed_s if entry.state is EntryState.SEEDING else 0.0
-            self._planned[replica_id] = fingerprint
+            self._planned[replica_id] = entry
         logger.info("weight plan for %s: %s%s", replica_id, kind.value, " (awaiting the seed)" if await_s else "")
         return WeightPlan(kind=kind, replica_id=replica_id, fingerprint=fingerprint, tier=self._tier_name,
                           ds_address=self._ds_address, verify=self._verify, timeout_ms=self._timeout_ms,
                           await_seed_s=await_s, report_path=report_path)
 
-    def report(self, report: LoadReport) -> None:
-        """Record how a planned replica's load went."""
+    def report(self, report: LoadReport) -> str | None:
+        """Record how a planned replica's load went. Returns why the entry was retired, if this report
+        retired it (a ready entry that could not serve this replica)."""
         with self._lock:
-            fingerprint = self._planned.get(report.replica_id)
-            entry = self._entries.get(fingerprint) if fingerprint else None
-            if entry is None:
-                return
-            if report.plan is PlanKind.SEED:
+            if report.replica_id not in self._planned:
+                return None
+            follower = report.plan is not PlanKind.SEED
+            if follower and report.source is WeightSource.DISK:
+                self._stats.fallbacks += 1
+            elif follower:
+                self._stats.bytes_served += report.bytes
+            entry = self._current_locked(report.replica_id)
+            if entry is None:  # retired, abandoned or forgotten since this replica was planned
+                return None
+            fingerprint = entry.identity.fingerprint
+            if not follower:
                 if report.fallback_reason is None:
                     entry.state, entry.bytes = EntryState.READY, report.bytes
                     entry.readers.add(report.replica_id)
                 else:
                     self._abandon_locked(fingerprint, entry)
-            elif report.source is WeightSource.DISK:
-                self._stats.fallbacks += 1
-            else:
-                self._stats.bytes_served += report.bytes
+                return None
+            if report.source is not WeightSource.DISK or entry.state is not EntryState.READY:
+                return None  # served; or its seed failed: abandoned, or about to be
+            del self._entries[fingerprint]
+            self._stats.retired += 1
+        reason = f"{report.replica_id} could not use it: {report.fallback_reason}"
+        logger.warning("weight entry %s retired; the next replica seeds again (%s)", fingerprint, reason)
+        self._delete_objects(entry)
+        return reason
 
     def abandon(self, replica_id: str) -> None:
         """A planned replica never reported (its engine failed). If it was the seed, the entry goes,
         and replicas awaiting it are told (they load from disk); the next plan seeds again."""
         with self._lock:
-            fingerprint = self._planned.pop(replica_id, None)
-            entry = self._entries.get(fingerprint) if fingerprint else None
-            if entry is not None and entry.state is EntryState.SEEDING and entry.seed_replica == replica_id:
-                self._abandon_locked(fingerprint, entry)
-            elif entry is not None:
+            entry = self._current_locked(replica_id)
+            self._planned.pop(replica_id, None)
+            if entry is None:
+                return
+            if entry.state is EntryState.SEEDING and entry.seed_replica == replica_id:
+                self._abandon_locked(entry.identity.fingerprint, entry)
+            else:
                 entry.readers.discard(replica_id)
 
     def release(self, replica_id: str) -> None:
         """A replica stopped; the entry stays (the cache, not the replica, owns it)."""
         with self._lock:
-            fingerprint = self._planned.pop(replica_id, None)
-            if fingerprint in self._entries:
-                self._entries[fingerprint].readers.discard(replica_id)
+            entry = self._current_locked(replica_id)
+            self._planned.pop(replica_id, None)
+            if entry is not None:
+                entry.readers.discard(replica_id)
 
     def retire(self, fingerprint: str) -> bool:
         """Free an entry and its data system objects. Replicas that mapped it keep their pages (the
@@ -137,6 +157,15 @@ class WeightCache:
         self._delete_objects(entry)
         return True
 
+    def forget_all(self) -> int:
+        """Drop every entry without touching the data system: the worker that held them died, and a
+        fresh one holds nothing. Returns how many entries were dropped."""
+        with self._lock:
+            dropped = len(self._entries)
+            self._entries.clear()
+            self._stats.retired += dropped
+        return dropped
+
     def clear(self) -> None:
         for fingerprint in list(self._entries):
             self.retire(fingerprint)
@@ -146,6 +175,14 @@ class WeightCache:
             return {**self._stats.model_dump(), "entries": [
                 {"fingerprint": fp, "state": e.state.value, "seed_replica": e.seed_replica,
                  "readers": sorted(e.readers), "bytes": e.bytes} for fp, e in self._entries.items()]}
+
+    def _current_locked(self, replica_id: str) -> CacheEntry | None:
+        """The entry ``replica_id`` was planned on, if it is still the live one of its identity (not
+        retired, abandoned or forgotten since, and not replaced by a newer seed)."""
+        entry = self._planned.get(replica_id)
+        if entry is not None and self._entries.get(entry.identity.fingerprint) is entry:
+            return entry
+        return None
 
     # ---- data system housekeeping --------------------------------------------------------------------
 
