@@ -1,8 +1,8 @@
 """Scale-out through the WeightCache and scale-in under load, on the shared real App.
 
 The tests run in file order and build on each other's replicas (engines are the expensive part):
-1 replica (the seed) -> 3 (mapped) -> 4 (over HTTP) -> 1 (scale-in while streaming) -> 2 (corrupted
-cache entry, restored afterwards).
+1 replica (the seed) -> 3 (mapped) -> 4 (over HTTP) -> 1 (scale-in while streaming) -> 2, 3, 4
+(a corrupted cache entry: retired, reseeded, mapped) -> 1.
 """
 
 from __future__ import annotations
@@ -152,22 +152,30 @@ def test_scale_in_while_streaming_loses_no_request(app, model_name):
     assert all(r.action == "removed" and r.error is None for r in report.replicas)
 
 
-def test_a_corrupted_cache_entry_falls_back_to_disk_and_says_why(app):
+def test_a_corrupted_cache_entry_is_retired_and_the_next_replica_reseeds(app, model_name, seed_tokens):
     entry = app.status()["weight_cache"]["entries"][0]
     tier = HostTier(app.status()["ds_address"])
     keys = WeightKeys(entry["fingerprint"], RankLayout())
     original = bytes(tier.get([keys.tensor(0)])[0])
     tier.put([(keys.tensor(0), memoryview(bytes(len(original))))])  # same size, all zeros
-    try:
-        report = app.scale(2)
-    finally:
-        tier.put([(keys.tensor(0), memoryview(original))])
+    report = app.scale(2)
     assert report.ok
     (added,) = report.replicas
     assert added.weights.source is WeightSource.DISK
     assert "checksum mismatch" in added.weights.fallback_reason
     assert "FELL BACK" in str(report)
-    assert app.status()["weight_cache"]["fallbacks"] >= 1
+    cache = app.status()["weight_cache"]
+    assert cache["fallbacks"] >= 1 and cache["retired"] >= 1 and cache["entries"] == []
+    (retired,) = [e for e in app.status()["events"] if e["kind"] == "cache_entry_retired"]
+    assert retired["subject"] == entry["fingerprint"] and "checksum mismatch" in retired["reason"]
+    assert not any(tier.exists([keys.tensor(0), keys.manifest]))  # its objects are freed
+    # The next replica seeds again from disk, and the one after maps what it published.
+    (reseeded,) = app.scale(3).replicas
+    assert reseeded.weights.plan is PlanKind.SEED and reseeded.weights.fallback_reason is None
+    (mapped,) = app.scale(4).replicas
+    assert mapped.weights.plan is PlanKind.MAP and mapped.weights.source is WeightSource.HOST
+    assert greedy(replica_urls(app)[mapped.replica_id], model_name) == seed_tokens
+    app.scale(1)
 
 
 def test_a_pulled_replica_generates_exactly_like_the_seed(app, model_dir, model_name, seed_tokens, tmp_path):
