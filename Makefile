@@ -4,6 +4,7 @@
 #   make bench   - the weight and replica-start benchmarks (ARGS=--quick for the small shapes); writes
 #                  BENCHMARKS.md
 #   make traffic - the bursty traffic replay, fixed vs autoscaled; writes bench/out/traffic.*
+#   make chaos   - faults under streaming load, and the Router's own cost; writes bench/out/chaos.*
 # Both create .venv and install the pinned stack on first use (and again when a requirements file or
 # pyproject.toml changes).
 
@@ -11,7 +12,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench traffic clean
+.PHONY: serve test bench traffic chaos clean
 
 serve: $(STAMP)
 	$(VENV)/bin/python entrypoint.py $(ARGS)
@@ -27,6 +28,9 @@ bench: $(STAMP)
 traffic: $(STAMP)
 	$(VENV)/bin/pip install -q -r requirements-bench.txt
 	$(VENV)/bin/python -m bench.traffic $(ARGS)
+
+chaos: $(STAMP)
+	$(VENV)/bin/python -m bench.chaos $(ARGS)
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
