@@ -147,32 +147,36 @@ def ds_worker_pid(driver: subprocess.Popen) -> int:
 
 # ---- the Router's own cost ---------------------------------------------------------------------------------
 
-def router_overhead(url: str, model: str, rounds: int) -> dict:
-    """Median one-token completion time directly and through the Router, alternating, each path on a
-    kept-alive connection of its own (as the OpenAI client keeps them)."""
+def router_overhead(url: str, model: str, rounds: int, block: int = 50) -> dict:
+    """Median one-token completion time directly and through the Router, each path on a kept-alive
+    connection of its own (as the OpenAI client keeps them). The paths take turns in blocks of
+    ``block`` requests: back-to-back alternation would time each request with the leftovers of the
+    other path's previous one (its connection handling in three processes on two cores), and long
+    runs of one path would time drift; blocks avoid both."""
     replica = next(r for r in status(url)["replicas"] if r["state"] == "ready")
     body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0})
     paths = {"direct": urlsplit(replica["url"]), "router": urlsplit(url)}
     conns = {name: http.client.HTTPConnection(parts.hostname, parts.port, timeout=60) for name, parts in paths.items()}
     times: dict[str, list[float]] = {name: [] for name in paths}
     try:
-        for index in range(rounds + 10):
-            for name, conn in conns.items():
+        for turn in range(2 * (rounds // block)):
+            name = ("direct", "router")[turn % 2]
+            for index in range(block + 5):
                 started = time.perf_counter()
-                conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-                response = conn.getresponse()
+                conns[name].request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+                response = conns[name].getresponse()
                 response.read()
                 elapsed = time.perf_counter() - started
                 if response.status != 200:
                     raise RuntimeError(f"{name} answered {response.status}")
-                if index >= 10:  # warm-up rounds are not counted
+                if index >= 5:  # the first requests of a block still see the other path's leftovers
                     times[name].append(elapsed)
     finally:
         for conn in conns.values():
             conn.close()
     direct, routed = (statistics.median(times[name]) * 1000 for name in ("direct", "router"))
-    return {"rounds": rounds, "direct_p50_ms": round(direct, 2), "router_p50_ms": round(routed, 2),
-            "overhead_p50_ms": round(routed - direct, 2)}
+    return {"rounds": len(times["direct"]), "block": block, "direct_p50_ms": round(direct, 2),
+            "router_p50_ms": round(routed, 2), "overhead_p50_ms": round(routed - direct, 2)}
 
 
 # ---- load and faults ------------------------------------------------------------------------------------------
@@ -340,10 +344,10 @@ def report(result: dict, out: Path) -> None:
               "replica is detected by its failed health checks (3 × 1 s), the others by their process exit."]
     if result["failures"]:
         lines += ["", "Failure messages seen:", ""] + [f"- `{f}`" for f in result["failures"]]
-    overhead_lines = [f"One-token completions, one at a time, alternately to a replica directly and through the "
-                      f"Router ({overhead['rounds']} each, after 10 warm-up rounds), each path on a kept-alive "
-                      f"connection, with {result['replicas']} idle replicas and no other load; the App in its "
-                      "own process.", "",
+    overhead_lines = [f"One-token completions, one at a time, to a replica directly and through the Router "
+                      f"({overhead['rounds']} each), each path on a kept-alive connection; the paths take turns in "
+                      f"blocks of {overhead['block']} (the first 5 of each block not counted), with "
+                      f"{result['replicas']} idle replicas and no other load; the App in its own process.", "",
                       "| path | p50 ms |", "|---|---|",
                       f"| replica directly | {overhead['direct_p50_ms']} |",
                       f"| through the Router | {overhead['router_p50_ms']} |", "",

@@ -55,6 +55,7 @@ class Scaler:
         self._events = events
         self.desired = 0  # the replica count last asked for
         self._replicas: dict[str, _Replica] = {}
+        self._stopping: list[threading.Thread] = []  # failed replicas being stopped
         self._seq = itertools.count(1)
         self._lock = threading.Lock()  # guards _replicas
         self._turn = threading.Lock()  # one scaling at a time
@@ -94,16 +95,19 @@ class Scaler:
                     if r.serving and r.info.state is ReplicaState.READY}
 
     def fail(self, replica_id: str, reason: str) -> bool:
-        """Take a serving replica that died or hangs out of the Router at once, then stop whatever is
-        left of it, with no grace. False if it is not serving any more (scaled in meanwhile)."""
+        """Take a serving replica that died or hangs out of the Router at once; whatever is left of it
+        is stopped with no grace, beside, so that its replacement need not wait. False if it is not
+        serving any more (scaled in meanwhile)."""
         with self._lock:
             replica = self._replicas.get(replica_id)
             if replica is None or not replica.serving or replica.info.state is not ReplicaState.READY:
                 return False
             del self._replicas[replica_id]
-        self._events.record(EventKind.REPLICA_FAILED, replica_id, reason)
         self._publish()
-        self._stop(replica, grace_s=0)
+        self._events.record(EventKind.REPLICA_FAILED, replica_id, reason)
+        stopping = threading.Thread(target=self._stop, args=(replica, 0.0), name=f"stop-{replica_id}", daemon=True)
+        stopping.start()
+        self._stopping = [thread for thread in self._stopping if thread.is_alive()] + [stopping]
         return True
 
     def stop_all(self) -> None:
@@ -113,6 +117,8 @@ class Scaler:
             self._replicas.clear()
         for replica in replicas:
             self._stop(replica)
+        for stopping in self._stopping:
+            stopping.join(timeout=120)
 
     def _scale(self, replicas: int) -> ScaleReport:
         self.desired = replicas

@@ -22,7 +22,7 @@ from app.engine.launch_report import LaunchReport
 from app.engine.pool import ENGINE_POOL
 from app.engine.spec import EngineSpec
 from app.replica import ReplicaInfo, ReplicaState, Role
-from app.runtime.processes import ChildProcess, free_port
+from app.runtime.processes import ChildProcess, free_port, is_live_child
 from app.weights.load_report import LoadReport
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class EngineHost:
         self._state = ReplicaState.PENDING
         self._process: ChildProcess | None = None
         self._failure: str | None = None
+        self._launch: LaunchReport | None = None  # once ready
         self._lock = threading.Lock()
         self.timeline: dict[str, float] = {"actor_up": time.time()}
 
@@ -50,20 +51,32 @@ class EngineHost:
         return self._spec
 
     def info(self) -> ReplicaInfo:
-        """The replica as it is now. A READY replica whose engine process is gone (its core died, or
-        it did) reads FAILED, with the exit code and the engine's last log line: this is how the
-        App's supervision notices a dead engine, from the process, without any HTTP."""
-        if self._state is ReplicaState.READY and self._process is not None and self._process.poll() is not None:
-            self._state = ReplicaState.FAILED
-            last_line = (self._process.log_tail(1).strip() or "no log")[-300:]
-            self._failure = f"engine process exited with code {self._process.poll()}: {last_line}"
-        launch = self.launch_report() if self._process is not None else None
+        """The replica as it is now. A READY replica whose engine process exited, or whose forked
+        EngineCore did (the server follows it down, but only after a moment), reads FAILED with the
+        reason: this is how the App's supervision notices a dead engine, from the processes, without
+        any HTTP."""
+        if self._state is ReplicaState.READY and self._process is not None:
+            self._failure = self._exit_reason()
+            if self._failure is not None:
+                self._state = ReplicaState.FAILED
+        launch = self._launch or (self.launch_report() if self._process is not None else None)
         return ReplicaInfo(replica_id=self._spec.replica_id, role=self._role, state=self._state,
                            url=self._spec.url if self._state is ReplicaState.READY else None,
                            pid=self._process.pid if self._process else None,
                            log=str(self._process.log_file) if self._process else None,
                            launcher=launch.launcher.value if launch else None,
                            core_pid=launch.core_pid if launch else None, failure=self._failure)
+
+    def _exit_reason(self) -> str | None:
+        assert self._process is not None
+        code = self._process.poll()
+        if code is not None:
+            last_line = (self._process.log_tail(1).strip() or "no log")[-300:]
+            return f"engine process exited with code {code}: {last_line}"
+        core_pid = self._launch.core_pid if self._launch else None
+        if core_pid is not None and not is_live_child(core_pid, self._process.pid):
+            return f"its EngineCore (pid {core_pid}) exited; the engine server goes down with it"
+        return None
 
     def start(self) -> ReplicaInfo:
         with self._lock:
@@ -83,11 +96,11 @@ class EngineHost:
             self._state = ReplicaState.FAILED
             self._process.stop(grace_s=5)
             raise
-        self._state = ReplicaState.READY
         self.timeline["engine_ready"] = time.time()
-        launch = self.launch_report()
-        if launch is not None and launch.core_forked_at is not None:
-            self.timeline["core_forked"] = launch.core_forked_at
+        self._launch = self.launch_report()
+        if self._launch is not None and self._launch.core_forked_at is not None:
+            self.timeline["core_forked"] = self._launch.core_forked_at
+        self._state = ReplicaState.READY
         return self.info()
 
     def _wait_ready(self) -> None:

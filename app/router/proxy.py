@@ -84,13 +84,17 @@ class Upstream:
                 headers = {REQUEST_ID: request_id}
                 if upstream.content_type:
                     headers["Content-Type"] = upstream.headers.get("Content-Type", upstream.content_type)
+                if upstream.content_type != "text/event-stream":
+                    # A whole answer goes back in one write with its length: less work on the hot
+                    # path than a chunked stream (most of the Router's cost on short completions).
+                    whole = await upstream.read()
+                    self._first_byte(route, started)
+                    return web.Response(body=whole, status=upstream.status, headers=headers)
                 response = web.StreamResponse(status=upstream.status, headers=headers)
                 first = True
                 async for chunk in upstream.content.iter_any():
                     if first:
-                        ttft = time.perf_counter() - started
-                        self._metrics.first_byte.labels(route.value).observe(ttft)
-                        self._on_first_byte(ttft)
+                        self._first_byte(route, started)
                         await _to_client(response, response.prepare(request))
                         first = False
                     await _to_client(response, response.write(chunk))
@@ -111,6 +115,11 @@ class Upstream:
                 b"data: " + json.dumps(upstream_failed(repr(exc)).body()).encode() + b"\n\n"))
             await _to_client(response, response.write_eof())
             return response
+
+    def _first_byte(self, route: Route, started: float) -> None:
+        ttft = time.perf_counter() - started
+        self._metrics.first_byte.labels(route.value).observe(ttft)
+        self._on_first_byte(ttft)
 
 
 async def _to_client(response: web.StreamResponse, operation: Awaitable[Any]) -> None:

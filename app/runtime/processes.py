@@ -49,6 +49,17 @@ def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
         return False
 
 
+def is_live_child(pid: int, parent: int) -> bool:
+    """True if ``pid`` runs (is not a zombie) as a child of ``parent``. Read from /proc, so that a
+    pid the kernel reused for an unrelated process is not mistaken for it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state, ppid = stat.rsplit(")", 1)[1].split()[:2]  # the name, in parentheses, may hold spaces
+    return state not in ("Z", "X") and int(ppid) == parent
+
+
 def child_environment(changes: Mapping[str, str | None]) -> dict[str, str]:
     """This process's environment with ``changes`` applied; a None value removes the variable."""
     env = {**os.environ, **changes}
