@@ -1,6 +1,6 @@
 """Faults under streaming load: what the clients see, how fast the App notices, how fast it heals.
 
-    python -m bench.chaos [--seconds 120] [--clients 16] [--replicas 3] [--out bench/out]
+    python -m bench.chaos [--seconds 120] [--clients 16] [--replicas 3] [--standby-processes 1] [--out bench/out]
 
 Runs the App as users do (``python entrypoint.py``, its own process) on the demo model, ``--replicas``
 replicas of one engine thread each, and first measures the Router's own cost: one-token completions
@@ -109,10 +109,10 @@ def status(url: str) -> dict:
 
 # ---- the App under test ---------------------------------------------------------------------------------
 
-def start_app(replicas: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_app(replicas: int, log: Path, standby_processes: int = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "YRLLM_ENGINE__THREADS": "1", "YRLLM_ENGINE__DTYPE": "float32",
-           "YRLLM_ENGINE__MAX_MODEL_LEN": "512"}
+           "YRLLM_ENGINE__MAX_MODEL_LEN": "512", "YRLLM_ENGINE__STANDBY_PROCESSES": str(standby_processes)}
     driver = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), "--port", str(port), "--replicas",
                                str(replicas)], cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
@@ -183,7 +183,7 @@ def router_overhead(url: str, model: str, rounds: int, block: int = 50) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
-    driver, url = start_app(args.replicas, args.out / "chaos-driver.log")
+    driver, url = start_app(args.replicas, args.out / "chaos-driver.log", args.standby_processes)
     try:
         model = status(url)["models"][0]
         overhead = router_overhead(url, model, args.overhead_rounds)
@@ -232,6 +232,7 @@ def chaos(driver: subprocess.Popen, url: str, model: str, args: argparse.Namespa
     monitor.join(150)
     events = status(url)["events"]
     return {"seconds": args.seconds, "clients": args.clients, "replicas": args.replicas, "tokens": args.tokens,
+            "standby_processes": args.standby_processes,
             "faults": [judge(fault, window, samples, events, args.replicas)
                        for fault, window in zip(faults, by_fault(faults, outcomes))],
             "requests": len(outcomes), "completed": sum(1 for o in outcomes if o.failure is None),
@@ -312,8 +313,9 @@ def report(result: dict, out: Path) -> None:
     overhead = result["router_overhead"]
     lines = [f"{result['clients']} clients streaming {result['tokens']}-token completions back to back for "
              f"{result['seconds']:.0f} s against {result['replicas']} replicas (demo model, float32, fork launcher, "
-             f"one engine thread each) on this {os.cpu_count()}-core machine; the App runs as `python "
-             "entrypoint.py` in its own process, with supervision at its defaults. One run, nothing else running.",
+             f"one engine thread each, {result['standby_processes']} standby process(es)) on this "
+             f"{os.cpu_count()}-core machine; the App runs as `python entrypoint.py` in its own process, with "
+             "supervision at its defaults. One run, nothing else running.",
              "", "| fault | victim | requests | failed before streaming | failed mid-stream | detected after s | "
              "replacement's scale-out s | desired count ready again after s | target met |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -372,6 +374,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
     parser.add_argument("--replicas", type=int, default=3, help="the desired replica count")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per streamed completion")
+    parser.add_argument("--standby-processes", type=int, default=1, help="engine.standby_processes")
     parser.add_argument("--overhead-rounds", type=int, default=300, help="completions per path for the overhead")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()

@@ -102,7 +102,8 @@ def test_a_killed_engine_core_costs_no_request_and_is_replaced(app, model_name):
     os.kill(row["core_pid"], signal.SIGKILL)
     assert [completion(app, model_name) for _ in range(20)] == [200] * 20
     failed = assert_replaced(app, victim, processes, model_name)
-    assert f"its EngineCore (pid {row['core_pid']}) exited" in failed["reason"]  # before its server follows
+    # Seen from /proc before its server follows it down (or, if the server is quicker, in its last line).
+    assert f"EngineCore (pid {row['core_pid']}) exited" in failed["reason"]
 
 
 def test_a_stopped_replica_fails_its_health_checks_and_is_replaced(app, model_name):

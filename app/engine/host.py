@@ -69,12 +69,15 @@ class EngineHost:
 
     def _exit_reason(self) -> str | None:
         assert self._process is not None
-        code = self._process.poll()
+        core_pid = self._launch.core_pid if self._launch else None
+        core_gone = core_pid is not None and not is_live_child(core_pid, self._process.pid)
+        # A killed server takes its core with it (PDEATHSIG) before the kernel has finished tearing
+        # the server down: give it a moment to become waitable, so the reason names what died first.
+        code = self._process.wait(0.2) if core_gone else self._process.poll()
         if code is not None:
             last_line = (self._process.log_tail(1).strip() or "no log")[-300:]
             return f"engine process exited with code {code}: {last_line}"
-        core_pid = self._launch.core_pid if self._launch else None
-        if core_pid is not None and not is_live_child(core_pid, self._process.pid):
+        if core_gone:
             return f"its EngineCore (pid {core_pid}) exited; the engine server goes down with it"
         return None
 

@@ -95,6 +95,13 @@ class ChildProcess:
     def poll(self) -> int | None:
         return self._popen.poll()
 
+    def wait(self, timeout_s: float) -> int | None:
+        """The exit code, waiting up to ``timeout_s`` for it; None if the child still runs."""
+        try:
+            return self._popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
     def log_head(self, size: int = 1 << 16) -> str:
         try:
             with open(self.log_file, "rb") as log:
