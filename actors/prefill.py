@@ -41,6 +41,9 @@ class Prefill:
     def first_token(self) -> float:
         return self._host.first_token()
 
+    def refill_standbys(self) -> None:
+        self._host.refill_standbys()
+
     def timeline(self) -> dict[str, float]:
         return dict(self._host.timeline)
 

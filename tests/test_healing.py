@@ -75,7 +75,9 @@ def assert_replaced(app, victim: str, processes: list[psutil.Process], model_nam
         return urls if len(urls) == 2 and victim not in urls else None
 
     ready = wait_for(replaced_set, "a replacement")
-    (replaced,) = [e for e in events(app, "replica_replaced") if e["subject"] in ready and e["at"] > failed["at"]]
+    # Routed to first; its event follows once its scale-out's bookkeeping is done.
+    (replaced,) = wait_for(lambda: [e for e in events(app, "replica_replaced")
+                                    if e["subject"] in ready and e["at"] > failed["at"]], "the replacement's event")
     assert "weights: plan map, from host" in replaced["reason"]
     # Nothing of the failed replica is left (its EngineCore included).
     time.sleep(0.5)

@@ -165,6 +165,13 @@ class Scaler:
         except Exception as exc:  # noqa: BLE001 - reported, and the replica is removed
             error = f"{type(exc).__name__}: {exc}"
             logger.error("replica %s failed to start: %s", replica_id, error)
+        if error is None:
+            replica.serving = True
+            self._publish()  # routed to from now on; what follows is bookkeeping
+            try:
+                yr.get(actor.refill_standbys.invoke(), timeout=60)
+            except Exception:  # noqa: BLE001 - the next scale-out then starts a fresh process
+                logger.exception("refilling the standby pool after %s failed", replica_id)
         timeline = {"requested": requested, **_ask(actor.timeline, {})}
         launch = _ask(actor.launch_report, None)
         weights = self._settle_weights(actor, replica_id, failed=error is not None)
@@ -174,11 +181,7 @@ class Scaler:
             self._stop(replica, grace_s=5)
             with self._lock:
                 self._replicas.pop(replica_id, None)
-            state = ReplicaState.FAILED
-        else:
-            replica.serving = True
-            self._publish()
-            state = replica.info.state
+        state = ReplicaState.FAILED if error is not None else replica.info.state
         return ReplicaReport(replica_id=replica_id, action="added", state=state, timeline=timeline,
                              launch=launch, weights=weights, error=error)
 

@@ -171,7 +171,10 @@ class EngineHost:
         with urllib.request.urlopen(request, timeout=60) as response:
             response.read()
         self.timeline["first_token"] = time.time()
-        # Refilled only now: a standby's imports would compete with this replica's start for the cores.
-        ENGINE_POOL.prepare(self._spec)
         return self.timeline["first_token"]
+
+    def refill_standbys(self) -> None:
+        """Start standbys until the pool holds ``engine.standby_processes`` again. Called once this
+        replica serves: a standby's imports would compete with its start for the cores."""
+        ENGINE_POOL.prepare(self._spec)
 
