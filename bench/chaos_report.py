@@ -60,10 +60,10 @@ def report(results: list[dict], out: Path) -> None:
     lines += ["", "Mid-stream failures are the streams the dead replica was generating: their bytes had reached the "
               "client, so they end with an OpenAI error event and are not retried (by design). A SIGSTOPped "
               "replica is detected by its failed health checks (3 × 1 s), the others by their process exit. A "
-              "replacement's scale-out is as fast as the standby it takes: one refilled after the previous "
-              "replacement is still importing vLLM (about 8 s of CPU, 30-45 s of wall time on these 2 cores "
-              "while they serve 16 streams), and the replacement waits for it; a second standby covers faults "
-              "that close together."]
+              "replacement's scale-out is as fast as the standby it takes: a standby refilled after the previous "
+              "replacement may still be importing vLLM (about 8 s of CPU, which took 30-45 s of wall time in "
+              "some runs here, the 2 cores serving 16 streams meanwhile), and then the replacement waits for "
+              "it; a second standby covers faults that close together."]
     overhead = first["router_overhead"]
     overhead_lines = [f"One-token completions, one at a time, to a replica directly and through the Router "
                       f"({overhead['rounds']} each), each path on a kept-alive connection; the paths take turns in "
