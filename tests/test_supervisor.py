@@ -1,6 +1,7 @@
-"""The Supervisor's cluster-mode watch on a data system it does not own (no engine, no cluster: a
-socket stands in for the worker's port). Replica supervision and the local worker's restart are
-tested on the real App (test_healing.py)."""
+"""The Supervisor against stand-ins (no engine, no cluster): its watch on a cluster data system it does
+not own (a socket stands in for the worker's port), and its backoff on replacements that keep
+failing. Replica supervision and the local worker's restart are tested on the real App
+(test_healing.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import time
 from dataclasses import dataclass, field
 
 from app.config import RuntimeMode, SupervisionConfig
+from app.control.scale_report import ReplicaReport, ScaleReport
 from app.control.supervisor import Supervisor
 from app.events import EventKind
+from app.replica import ReplicaState
 
 
 @dataclass
@@ -66,3 +69,37 @@ def test_losing_and_regaining_a_cluster_data_system_is_reported_once_each():
     finally:
         supervisor.stop()
         worker.close()
+
+
+@dataclass
+class FailingScaler(NoReplicas):
+    """One replica is wanted and none serves; every scale-out fails to start it."""
+
+    desired: int = 1
+    attempts: list[float] = field(default_factory=list)
+
+    def scale_if_idle(self, replicas: int, on_turn) -> ScaleReport:
+        self.attempts.append(time.monotonic())
+        failed = ReplicaReport(replica_id=f"r{len(self.attempts)}", action="added", state=ReplicaState.FAILED,
+                               error="EngineFailed: engine exited with code 1 while starting")
+        return ScaleReport(requested_replicas=replicas, replicas_before=0, replicas_after=0, seconds=0.0,
+                           replicas=[failed])
+
+
+def test_a_replacement_that_keeps_failing_is_retried_with_doubling_backoff():
+    scaler, recorder = FailingScaler(), Recorder()
+    config = SupervisionConfig(interval_s=0.05, replace_backoff_max_s=2.0)
+    supervisor = Supervisor(config, scaler, ClusterRuntime("127.0.0.1:1"), None, recorder)
+    supervisor.start()
+    try:
+        deadline = time.monotonic() + 15
+        while len(scaler.attempts) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        supervisor.stop()
+    # At once, after 1 s, after 2 s more (the cap): not at every tick. The upper bounds are loose.
+    gaps = [later - earlier for earlier, later in zip(scaler.attempts, scaler.attempts[1:])]
+    assert len(gaps) >= 2 and 0.9 < gaps[0] < 3.0 and 1.9 < gaps[1] < 4.0, gaps
+    failures = [reason for kind, _, reason in recorder.events if kind is EventKind.REPLACEMENT_FAILED]
+    assert failures[0] == "r1: EngineFailed: engine exited with code 1 while starting; retrying in 1 s"
+    assert failures[1].endswith("retrying in 2 s") and failures[2].endswith("retrying in 2 s")

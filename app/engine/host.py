@@ -56,9 +56,9 @@ class EngineHost:
         reason: this is how the App's supervision notices a dead engine, from the processes, without
         any HTTP."""
         if self._state is ReplicaState.READY and self._process is not None:
-            self._failure = self._exit_reason()
-            if self._failure is not None:
-                self._state = ReplicaState.FAILED
+            failure = self._exit_reason()  # the supervisor and a health check may both ask at once
+            if failure is not None:
+                self._state, self._failure = ReplicaState.FAILED, failure
         launch = self._launch or (self.launch_report() if self._process is not None else None)
         return ReplicaInfo(replica_id=self._spec.replica_id, role=self._role, state=self._state,
                            url=self._spec.url if self._state is ReplicaState.READY else None,
