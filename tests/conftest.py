@@ -9,15 +9,20 @@ a leftover shows up as an error in the pytest report.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Awaitable, Callable, Iterator
 
 import psutil
 import pytest
+from aiohttp import web
 
 # Children that the App starts; anything else under the test process is none of the App's business.
 APP_PROCESS_MARKERS = ("datasystem_worker", "app.engine.main", "VLLM::EngineCore", "EngineCore")
@@ -46,6 +51,32 @@ def greedy(url: str, model: str, tokens: int = 16) -> list[int]:
 
 def replica_urls(app) -> dict[str, str]:
     return {r["replica_id"]: r["url"] for r in app.status()["replicas"] if r["state"] == "ready"}
+
+
+@contextmanager
+def fake_replica(handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                 route: str = "/v1/chat/completions") -> Iterator[str]:
+    """A fake replica on loopback answering POST ``route`` with ``handler``, on a loop of its own;
+    yields its URL."""
+    loop = asyncio.new_event_loop()
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await handler(request)
+
+    runner = web.AppRunner(web.Application())
+    runner.app.add_routes([web.post(route, handle)])
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
 
 
 def test_cache_dir() -> Path:

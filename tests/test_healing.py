@@ -59,12 +59,13 @@ def replicas(app) -> dict[str, dict]:
     return {r["replica_id"]: r for r in app.status()["replicas"]}
 
 
-def two_replicas(app) -> tuple[str, dict]:
-    """Two ready replicas; returns the newer one's id and row (the victim)."""
+def two_replicas(app) -> tuple[str, dict, list[psutil.Process]]:
+    """Two ready replicas; returns the newer one (the victim): its id, its row, its processes."""
     report = app.scale(2)
     assert report.ok, str(report)
     victim = max(replicas(app), key=lambda rid: int(rid.lstrip("r")))
-    return victim, replicas(app)[victim]
+    row = replicas(app)[victim]
+    return victim, row, [psutil.Process(row["pid"]), psutil.Process(row["core_pid"])]
 
 
 def assert_replaced(app, victim: str, processes: list[psutil.Process], model_name: str) -> dict:
@@ -87,8 +88,7 @@ def assert_replaced(app, victim: str, processes: list[psutil.Process], model_nam
 
 
 def test_a_killed_engine_server_costs_no_request_and_is_replaced(app, model_name):
-    victim, row = two_replicas(app)
-    processes = [psutil.Process(row["pid"]), psutil.Process(row["core_pid"])]
+    victim, row, processes = two_replicas(app)
     os.kill(row["pid"], signal.SIGKILL)
     assert [completion(app, model_name) for _ in range(20)] == [200] * 20
     failed = assert_replaced(app, victim, processes, model_name)
@@ -99,8 +99,7 @@ def test_a_killed_engine_server_costs_no_request_and_is_replaced(app, model_name
 
 
 def test_a_killed_engine_core_costs_no_request_and_is_replaced(app, model_name):
-    victim, row = two_replicas(app)
-    processes = [psutil.Process(row["pid"]), psutil.Process(row["core_pid"])]
+    victim, row, processes = two_replicas(app)
     os.kill(row["core_pid"], signal.SIGKILL)
     assert [completion(app, model_name) for _ in range(20)] == [200] * 20
     failed = assert_replaced(app, victim, processes, model_name)
@@ -109,8 +108,7 @@ def test_a_killed_engine_core_costs_no_request_and_is_replaced(app, model_name):
 
 
 def test_a_stopped_replica_fails_its_health_checks_and_is_replaced(app, model_name):
-    victim, row = two_replicas(app)
-    processes = [psutil.Process(row["pid"]), psutil.Process(row["core_pid"])]
+    victim, row, processes = two_replicas(app)
     os.killpg(row["pid"], signal.SIGSTOP)  # alive, but answers nothing
     try:
         failed = assert_replaced(app, victim, processes, model_name)

@@ -4,15 +4,15 @@ retried and ends with an error event; the client's body reaches the replica byte
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
 from contextlib import contextmanager
-from typing import Awaitable, Callable, Iterator
+from typing import Iterator
 
 import pytest
 from aiohttp import web
+from conftest import fake_replica
 from test_serving import call, metric_value
 
 from app.config import RouterConfig
@@ -23,29 +23,6 @@ from app.runtime.processes import free_port
 ROUTE = "/v1/chat/completions"
 # Odd spacing and a number that json.dumps would write differently (0.10 -> 0.1): re-encoding shows.
 RAW_BODY = b'{"model":"demo",  "messages": [{"role": "user", "content": "hi"}], "temperature": 0.10}'
-
-
-@contextmanager
-def fake_replica(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Iterator[str]:
-    loop = asyncio.new_event_loop()
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return await handler(request)
-
-    runner = web.AppRunner(web.Application())
-    runner.app.add_routes([web.post(ROUTE, handle)])
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
 
 
 @contextmanager

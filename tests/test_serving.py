@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import openai
 import pytest
+from conftest import fake_replica
 
 from app.config import RouterConfig
 from app.replica import ReplicaInfo, ReplicaState
@@ -399,20 +400,8 @@ def slow_upstream():
             await asyncio.sleep(0.1)
         return response
 
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(web.Application())
-    runner.app.add_routes([web.post("/v1/chat/completions", stream)])
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{port}"
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.run_until_complete(runner.cleanup())
-    loop.close()
+    with fake_replica(stream) as url:
+        yield url
 
 
 def test_a_client_disconnect_is_not_counted_as_a_server_error(bare_router, slow_upstream):
