@@ -118,7 +118,9 @@ def test_a_stopped_replica_fails_its_health_checks_and_is_replaced(app, model_na
         except ProcessLookupError:
             pass
     checks = app.config.supervision.health_check_failures
-    assert f"failed {checks} health checks in a row" in failed["reason"]
+    timeout_s = app.config.supervision.health_check_timeout_s
+    assert failed["reason"] == (f"failed {checks} health checks in a row, the last: "
+                                f"app.engine.host.EngineFailed: no /health answer within {timeout_s:g} s")
 
 
 def test_a_killed_data_system_worker_is_restarted_and_the_next_replica_seeds(app, model_name):

@@ -101,7 +101,7 @@ class Supervisor:
             try:
                 info = yr.get(ref, timeout=10)
             except Exception as exc:  # noqa: BLE001 - an actor that cannot answer is a dead replica
-                self._scaler.fail(replica_id, f"its actor does not answer: {type(exc).__name__}: {exc}")
+                self._scaler.fail(replica_id, f"its actor does not answer: {_last_line(exc)}")
                 continue
             if info is not None and info.state is ReplicaState.FAILED:
                 self._scaler.fail(replica_id, info.failure or "engine process exited")
@@ -111,7 +111,7 @@ class Supervisor:
     def _check_health(self, replica_id: str, actor: Any, now: float) -> None:
         health = self._health.setdefault(replica_id, _Health(next_check_at=now))
         if health.pending is not None and health.pending.done():
-            error = health.pending.exception()
+            error = _last_line(health.pending.exception())
             health.pending = None
             health.failures = 0 if error is None else health.failures + 1
             if error is not None:
@@ -203,3 +203,12 @@ class Supervisor:
             return
         self._events.record(EventKind.DS_WORKER_RESTARTED, DS_WORKER,
                             f"at {self._runtime.ds_address} in {seconds:.1f} s; the next replica seeds again")
+
+
+def _last_line(error: BaseException | None) -> str | None:
+    """What an actor call raised, in one line: yr hands back the remote traceback as the message, whose
+    last line is the exception itself (``app.engine.host.EngineFailed: no /health answer ...``)."""
+    if error is None:
+        return None
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
