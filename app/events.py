@@ -14,6 +14,7 @@ class EventKind(str, Enum):
     REPLACEMENT_FAILED = "replacement_failed"  # a replacement did not start; retried with backoff
     DS_WORKER_DIED = "ds_worker_died"  # local mode: the App's data system worker exited
     DS_WORKER_RESTARTED = "ds_worker_restarted"
+    DS_WORKER_RESTART_FAILED = "ds_worker_restart_failed"  # not retried: replicas load from disk
     DS_UNREACHABLE = "ds_unreachable"  # cluster mode: the data system stopped accepting connections
     DS_REACHABLE = "ds_reachable"  # cluster mode: it accepts them again
     CACHE_ENTRY_RETIRED = "cache_entry_retired"  # a cached weight entry could not serve; next replica reseeds

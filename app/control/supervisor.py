@@ -199,7 +199,8 @@ class Supervisor:
         try:
             seconds = self._runtime.restart_worker()
         except Exception as exc:  # noqa: BLE001 - reported; replicas then load from disk
-            self._events.record(EventKind.DS_WORKER_DIED, DS_WORKER, f"could not be restarted: {exc}")
+            self._events.record(EventKind.DS_WORKER_RESTART_FAILED, DS_WORKER,
+                                f"{exc}; new replicas load from disk")
             return
         self._events.record(EventKind.DS_WORKER_RESTARTED, DS_WORKER,
                             f"at {self._runtime.ds_address} in {seconds:.1f} s; the next replica seeds again")
