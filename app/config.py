@@ -100,6 +100,24 @@ class WeightsConfig(_Section):
                             "fails a load in this long, and the replica loads from disk.")
 
 
+class KVConfig(_Section):
+    """KV cache blocks shared between replicas through the data system (section ``kv``): a prefix that
+    one replica computed is loaded, not recomputed, by every other replica."""
+
+    enabled: bool = Field(True, description="Store every full block of each prompt's KV in the data "
+                          "system and load the blocks other replicas stored. Off: each replica has only "
+                          "vLLM's own prefix cache.")
+    capacity_gb: float = Field(1.0, gt=0, description="Most GB of KV blocks kept in the data system; the "
+                               "least recently stored or loaded blocks are deleted beyond it. Weights are "
+                               "never evicted for KV: a data system that is full stores no more KV.")
+    ttl_s: int = Field(3600, ge=0, description="A block nobody stored or loaded for this long expires "
+                       "(0: never). Catches blocks whose replica died before the App accounted for them.")
+    timeout_ms: int = Field(1000, gt=0, description="Data system request timeout for KV calls; a "
+                            "worker that does not answer costs a request at most this long, then recompute.")
+    accounting_interval_s: float = Field(1.0, gt=0, description="Seconds between two reads of the "
+                                         "replicas' KV journals (evictions and /metrics follow them).")
+
+
 class AutoscaleConfig(_Section):
     """Autoscaling knobs (section ``autoscale`` of AppConfig)."""
 
@@ -202,6 +220,7 @@ class AppConfig(BaseSettings):
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
+    kv: KVConfig = Field(default_factory=KVConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @field_validator("model")
@@ -213,6 +232,14 @@ class AppConfig(BaseSettings):
         if not (value / "config.json").is_file():
             raise ValueError(f"{value} is not a model directory (no config.json)")
         return value
+
+    @model_validator(mode="after")
+    def _kv_fits(self) -> "AppConfig":
+        if (self.kv.enabled and self.runtime.resolved_mode is RuntimeMode.LOCAL
+                and self.kv.capacity_gb * 1024 >= self.runtime.ds_shared_memory_mb):
+            raise ValueError(f"kv.capacity_gb ({self.kv.capacity_gb}) must leave room for the weights in "
+                             f"runtime.ds_shared_memory_mb ({self.runtime.ds_shared_memory_mb})")
+        return self
 
     @classmethod
     def load(cls, file: str | Path | None = None, env: Mapping[str, str] | None = None,

@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from app.weights.identity import RankLayout, WeightIdentity, WeightKeys, check_key, content_digest
+from app.datasystem_keys import check_key
+from app.weights.identity import RankLayout, WeightIdentity, WeightKeys, content_digest
 from app.weights.manifest import Manifest, TensorEntry, VerifyMode, full_digest, sampled_digest
 
 KEY_RULE = re.compile(r"^[a-zA-Z0-9\-_!@#%\^\*\(\)\+\=\:;]*$")

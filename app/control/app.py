@@ -23,6 +23,7 @@ from app.control.supervisor import Supervisor
 from app.control.weight_client import WeightCacheClient
 from app.engine.pool import ENGINE_POOL
 from app.engine.spec import EngineSpec
+from app.kv.settings import ConnectorSettings
 from app.runtime.openyuanrong import Runtime
 from app.weights.identity import WeightIdentity, content_digest
 from app.weights.load_report import PlanKind
@@ -42,6 +43,7 @@ class App:
         self.config = config or AppConfig.load()
         self._runtime = Runtime(self.config.runtime)
         self._router: Any = None
+        self._identity: WeightIdentity | None = None  # the weights' identity; KV keys build on it too
         self._weights: WeightCacheClient | None = None  # None: weights.enabled is off
         self._scaler: Scaler | None = None
         self._scale_requests: ScaleRequestServer | None = None
@@ -77,8 +79,11 @@ class App:
         self._router = Router.options(yr.InvokeOptions(concurrency=8)).invoke(
             self.config.router, [self.served_model_name])
         self.router_port = yr.get(self._router.start.invoke())
+        self._identity = WeightIdentity(
+            content=content_digest(self.model_dir, self.config.demo_cache_dir / "digests.json"),
+            dtype=self.config.engine.dtype, quantization=None, vllm_version=_vllm_version())
         if self.config.weights.enabled:
-            self._weights = self._start_weight_cache()
+            self._weights = self._start_weight_cache(self._identity)
         events = EventLog(self._router)
         self._scaler = Scaler(self._engine_spec, self._router, self._weights, self.config.router.drain_timeout_s,
                               events)
@@ -94,23 +99,26 @@ class App:
         if self.config.autoscale.enabled:
             self.autoscale(self.config.autoscale)
 
-    def _start_weight_cache(self) -> WeightCacheClient:
+    def _start_weight_cache(self, identity: WeightIdentity) -> WeightCacheClient:
         import yr
 
         from actors.weight_cache import WeightCache
 
         weights = self.config.weights
-        identity = WeightIdentity(
-            content=content_digest(self.model_dir, self.config.demo_cache_dir / "digests.json"),
-            dtype=self.config.engine.dtype, quantization=None, vllm_version=_vllm_version())
         actor = WeightCache.options(yr.InvokeOptions(concurrency=16)).invoke(
             self._runtime.ds_address, weights.tier, PlanKind(weights.cpu_mode), VerifyMode(weights.verify),
             weights.timeout_ms, self.config.engine.start_timeout_s)
         return WeightCacheClient(actor, identity, self._runtime.ds_address or "")
 
     def _engine_spec(self, replica_id: str) -> EngineSpec:
-        return EngineSpec.from_config(self.config, replica_id=replica_id, model=self.model_dir,
+        spec = EngineSpec.from_config(self.config, replica_id=replica_id, model=self.model_dir,
                                       served_model_name=self.served_model_name, log_dir=self._log_dir)
+        kv = self.config.kv
+        if kv.enabled and self._identity is not None and self._runtime.ds_address:
+            spec = spec.model_copy(update={"kv_connector": ConnectorSettings(
+                ds_address=self._runtime.ds_address, fingerprint=self._identity.fingerprint,
+                journal=spec.kv_journal_path, timeout_ms=kv.timeout_ms, ttl_s=kv.ttl_s)})
+        return spec
 
     def shutdown(self) -> None:
         """Stop every replica, the Router, the runtime and the data system worker. Idempotent, and

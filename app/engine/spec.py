@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.config import AppConfig, RuntimeMode
 from app.engine.launch_report import Launcher
 from app.engine.preimports import CACHE_DIR_ENV
+from app.kv.settings import ConnectorSettings
 
 
 class EngineSpec(BaseModel):
@@ -37,6 +38,7 @@ class EngineSpec(BaseModel):
     standby_processes: int = 0
     launcher: Launcher = Launcher.FORK
     cache_dir: Path | None = None  # where engine processes record the modules a start imports
+    kv_connector: ConnectorSettings | None = None  # None: no KV blocks through the data system
 
     @classmethod
     def from_config(cls, config: AppConfig, *, replica_id: str, model: Path, served_model_name: str,
@@ -65,6 +67,8 @@ class EngineSpec(BaseModel):
             args.append("--enforce-eager")
         if self.loader_extra_config:
             args += ["--model-loader-extra-config", json.dumps(self.loader_extra_config)]
+        if self.kv_connector:
+            args += ["--kv-transfer-config", self.kv_connector.transfer_config()]
         return args + list(self.extra_args)
 
     def environment(self, cpu_count: int) -> dict[str, str | None]:
@@ -101,6 +105,11 @@ class EngineSpec(BaseModel):
     def core_log_path(self) -> Path:
         """The forked EngineCore's own log."""
         return self.log_dir / f"engine-core-{self.replica_id}.log"
+
+    @property
+    def kv_journal_path(self) -> Path:
+        """Where this engine's KV connector journals (one file per side, with a suffix)."""
+        return self.log_dir / f"kv-{self.replica_id}"
 
     @property
     def url(self) -> str:

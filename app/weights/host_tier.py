@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Sequence
 
-from app.weights.identity import check_key
+from app.datasystem_keys import check_key
 
 logger = logging.getLogger(__name__)
 

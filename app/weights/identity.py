@@ -15,21 +15,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from app.datasystem_keys import KEY_PREFIX, check_key
 from app.files import write_atomically
 
-# The data system's key rule (REFERENCE.md): no '.' and no '/', at most 255 characters.
-_KEY_RULE = re.compile(r"^[a-zA-Z0-9\-_!@#%\^\*\(\)\+\=\:;]{1,255}$")
-KEY_PREFIX = "yrllm"
 # Files whose bytes decide the weights: the architecture and the tensors.
 _WEIGHT_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.pt")
 _CHUNK = 8 << 20
-
-
-def check_key(key: str) -> str:
-    if not _KEY_RULE.match(key):
-        raise ValueError(f"invalid data system key {key!r}: at most 255 characters of "
-                         "letters, digits and -_!@#%^*()+=:; (no '.' or '/')")
-    return key
 
 
 def content_digest(model_dir: Path, cache_file: Path | None = None) -> str:

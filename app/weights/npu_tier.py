@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from app.weights.host_tier import TierError
-from app.weights.identity import check_key
+from app.datasystem_keys import check_key
 
 MAX_KEYS_PER_CALL = 10_000
 

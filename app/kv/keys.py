@@ -1,0 +1,63 @@
+"""Content-addressed keys for KV blocks.
+
+A block's KV depends on every token before it, so its key is a chain hash: block i's digest covers
+block i-1's digest and block i's token ids. The chain starts from the namespace's digest, which covers
+everything else the bytes depend on: the weights (their fingerprint), the KV dtype, the block size, the
+KV layout (layers, heads, head size) and the rank. Two replicas find each other's blocks exactly when
+they would have computed the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from typing import Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.datasystem_keys import KEY_PREFIX, check_key
+
+# 160 bits of the chain digest: collisions are out of reach, and keys stay short.
+_DIGEST_HEX = 40
+
+
+class KVNamespace(BaseModel):
+    """What a KV block's bytes depend on besides its tokens."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{16,64}$")  # the weights' identity
+    dtype: str
+    block_size: int = Field(gt=0)
+    layout: str  # layers, heads, head size and the device's cache shape: ``layout_tag``
+    tp_rank: int = Field(0, ge=0)
+    tp_size: int = Field(1, ge=1)
+
+    @property
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.model_dump_json().encode()).digest()
+
+    @property
+    def prefix(self) -> str:
+        return check_key(f"{KEY_PREFIX}_kv_{self.digest.hex()[:16]}")
+
+
+def layout_tag(layers: Sequence[str], num_kv_heads: int, head_size: int, shape: Sequence[int]) -> str:
+    """The KV layout as one string: the attention layers (by name, in order), their heads and head
+    size, and the per-block shape of the cache tensor."""
+    names = hashlib.sha256("\n".join(layers).encode()).hexdigest()[:16]
+    return f"L{len(layers)}_{names}_H{num_kv_heads}_D{head_size}_S{'x'.join(map(str, shape))}"
+
+
+def block_keys(namespace: KVNamespace, token_ids: Sequence[int], blocks: int) -> list[str]:
+    """Keys of the first ``blocks`` full blocks of ``token_ids``."""
+    size = namespace.block_size
+    if blocks * size > len(token_ids):
+        raise ValueError(f"{len(token_ids)} tokens hold fewer than {blocks} blocks of {size}")
+    digest = namespace.digest
+    keys = []
+    for index in range(blocks):
+        tokens = array("q", token_ids[index * size:(index + 1) * size]).tobytes()
+        digest = hashlib.sha256(digest + tokens).digest()
+        keys.append(f"{namespace.prefix}_{digest.hex()[:_DIGEST_HEX]}")
+    return keys
