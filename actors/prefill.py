@@ -41,6 +41,9 @@ class Prefill:
     def first_token(self) -> float:
         return self._host.first_token()
 
+    def kv_journal(self) -> list[dict]:
+        return self._host.kv_journal()
+
     def refill_standbys(self) -> None:
         self._host.refill_standbys()
 

@@ -8,6 +8,7 @@ import yr
 
 from app.config import RouterConfig
 from app.events import Event
+from app.kv.ledger import KVStats
 from app.replica import ReplicaInfo
 from app.router.scale_mailbox import ScaleRequest
 from app.router.server import RouterServer
@@ -38,6 +39,9 @@ class Router:
 
     def record_event(self, event: Event) -> None:
         self._server.record_event(event)
+
+    def record_kv(self, stats: KVStats) -> None:
+        self._server.record_kv(stats)
 
     def status(self) -> dict[str, Any]:
         return self._server.snapshot()

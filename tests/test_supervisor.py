@@ -54,7 +54,7 @@ def test_losing_and_regaining_a_cluster_data_system_is_reported_once_each():
     port = worker.getsockname()[1]
     recorder = Recorder()
     config = SupervisionConfig(interval_s=0.05, health_check_interval_s=0.1, health_check_timeout_s=0.5)
-    supervisor = Supervisor(config, NoReplicas(), ClusterRuntime(f"127.0.0.1:{port}"), None, recorder)
+    supervisor = Supervisor(config, NoReplicas(), ClusterRuntime(f"127.0.0.1:{port}"), None, None, recorder)
     supervisor.start()
     try:
         time.sleep(0.5)
@@ -89,7 +89,7 @@ class FailingScaler(NoReplicas):
 def test_a_replacement_that_keeps_failing_is_retried_with_doubling_backoff():
     scaler, recorder = FailingScaler(), Recorder()
     config = SupervisionConfig(interval_s=0.05, replace_backoff_max_s=2.0)
-    supervisor = Supervisor(config, scaler, ClusterRuntime("127.0.0.1:1"), None, recorder)
+    supervisor = Supervisor(config, scaler, ClusterRuntime("127.0.0.1:1"), None, None, recorder)
     supervisor.start()
     try:
         deadline = time.monotonic() + 15

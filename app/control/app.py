@@ -16,6 +16,7 @@ from typing import Any
 from app.config import AppConfig, AutoscaleConfig
 from app.control.autoscaler import Autoscaler
 from app.control.event_log import EventLog
+from app.control.kv_accounting import KVAccountant
 from app.control.scale_report import ScaleReport
 from app.control.scale_requests import ScaleRequestServer
 from app.control.scaling import Scaler
@@ -49,6 +50,7 @@ class App:
         self._scale_requests: ScaleRequestServer | None = None
         self._autoscaler: Autoscaler | None = None
         self._supervisor: Supervisor | None = None
+        self._kv: KVAccountant | None = None  # None: kv.enabled is off
         self._log_dir = Path(tempfile.mkdtemp(prefix="yrllm-logs-"))
         self.model_dir: Path | None = None
         self.served_model_name: str | None = None
@@ -92,9 +94,12 @@ class App:
         self.start_report = self.scale(self.config.replicas)
         if not self.start_report.ok:
             raise RuntimeError(f"the App could not start its replicas:\n{self.start_report}")
+        if self.config.kv.enabled and self._runtime.ds_address:
+            self._kv = KVAccountant(self.config.kv, self._scaler, self._router, self._runtime.ds_address)
+            self._kv.start()
         if self.config.supervision.enabled:
             self._supervisor = Supervisor(self.config.supervision, self._scaler, self._runtime, self._weights,
-                                          events)
+                                          self._kv, events)
             self._supervisor.start()
         if self.config.autoscale.enabled:
             self.autoscale(self.config.autoscale)
@@ -130,6 +135,9 @@ class App:
         if self._scale_requests is not None:
             self._scale_requests.stop()
             self._scale_requests = None
+        if self._kv is not None:
+            self._kv.stop()  # before the replicas go: their last journal lines are read
+            self._kv = None
         if self._scaler is not None:
             self._scaler.stop_all()
         ENGINE_POOL.close()

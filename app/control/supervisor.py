@@ -26,6 +26,7 @@ from typing import Any
 
 from app.config import RuntimeMode, SupervisionConfig
 from app.control.event_log import EventLog
+from app.control.kv_accounting import KVAccountant
 from app.control.scaling import Scaler
 from app.control.weight_client import WeightCacheClient
 from app.events import EventKind
@@ -49,11 +50,12 @@ class Supervisor:
     """``start`` once, ``stop`` once."""
 
     def __init__(self, config: SupervisionConfig, scaler: Scaler, runtime: Runtime,
-                 weights: WeightCacheClient | None, events: EventLog) -> None:
+                 weights: WeightCacheClient | None, kv: KVAccountant | None, events: EventLog) -> None:
         self._config = config
         self._scaler = scaler
         self._runtime = runtime
         self._weights = weights
+        self._kv = kv
         self._events = events
         self._health: dict[str, _Health] = {}
         self._checks = ThreadPoolExecutor(max_workers=8, thread_name_prefix="health-check")
@@ -193,6 +195,8 @@ class Supervisor:
     def _restart_worker(self, code: int) -> None:
         # Forget first: no replica may be planned onto objects that are gone.
         dropped = self._weights.forget_all() if self._weights is not None else 0
+        if self._kv is not None:
+            self._kv.forget_all()
         self._events.record(EventKind.DS_WORKER_DIED, DS_WORKER,
                             f"exited with code {code}; {dropped} cached weight entries died with it "
                             f"(serving replicas keep their mapped weights)")

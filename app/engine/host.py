@@ -21,6 +21,7 @@ import urllib.request
 from app.engine.launch_report import LaunchReport
 from app.engine.pool import ENGINE_POOL
 from app.engine.spec import EngineSpec
+from app.kv.journal import SIDES, JournalReader, journal_file
 from app.replica import ReplicaInfo, ReplicaState, Role
 from app.runtime.processes import ChildProcess, free_port, is_live_child
 from app.weights.load_report import LoadReport
@@ -45,6 +46,8 @@ class EngineHost:
         self._launch: LaunchReport | None = None  # once ready
         self._lock = threading.Lock()
         self.timeline: dict[str, float] = {"actor_up": time.time()}
+        self._kv_journals = [JournalReader(journal_file(spec.kv_journal_path, side))
+                             for side in SIDES] if spec.kv_connector else []
 
     @property
     def spec(self) -> EngineSpec:
@@ -172,6 +175,10 @@ class EngineHost:
             response.read()
         self.timeline["first_token"] = time.time()
         return self.timeline["first_token"]
+
+    def kv_journal(self) -> list[dict]:
+        """What this engine's KV connector did since the last call (its journal lines)."""
+        return [line for reader in self._kv_journals for line in reader.read()]
 
     def refill_standbys(self) -> None:
         """Start standbys until the pool holds ``engine.standby_processes`` again. Called once this

@@ -29,6 +29,14 @@ class KVOp(str, Enum):
     LOAD_FAILED = "load_failed"  # blocks that were found but could not be used: recomputed
 
 
+#: A connector journals from each of its two roles, to a file of its own: no two writers share one.
+SIDES = ("scheduler", "worker")
+
+
+def journal_file(base: Path, side: str) -> Path:
+    return base.with_name(f"{base.name}-{side}.jsonl")
+
+
 class JournalWriter:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,8 @@ class BlockScheduler:
         if request.found is not None and request.found[0] == first:
             return request.found[1] * size  # asked again: the request could not be scheduled yet
         if first >= request.loadable:
-            return 0  # nothing the data system could add: no lookup
+            request.found = (first, 0)  # the engine holds all it may: no lookup
+            return 0
         started = time.perf_counter()
         try:
             found = self._store.present_prefix(request.keys[first:request.loadable])

@@ -1,8 +1,10 @@
 """KV blocks in the data system: the connector's only way to it.
 
-Blocks are written evictable (``WriteMode.NONE_L2_CACHE_EVICT``) with a TTL: if the worker runs out
-of memory it drops KV blocks, never the weights (written non-evictable), and a block nobody accounts
-for any more (its writer died before the App read its journal) expires. A data system that cannot be
+Blocks are written evictable (``WriteMode.NONE_L2_CACHE_EVICT``) with a TTL: when the worker runs
+short of memory it drops KV blocks, oldest write first, never the weights (written non-evictable);
+and a block nobody accounts for any more (its writer died before the App read its journal) expires.
+If only the weights are left, a write fails as "out of memory" after the client's retries (~5 s):
+the store then stores nothing for ``retry_s`` (``StoreFull``). A data system that cannot be
 reached is not an error here: the store reports ``StoreUnavailable``, the connector recomputes, and the
 next call after ``retry_s`` tries again (a restarted worker comes back on the same port).
 """
@@ -25,6 +27,10 @@ class StoreUnavailable(RuntimeError):
     """The data system did not answer; nothing was stored or loaded."""
 
 
+class StoreFull(StoreUnavailable):
+    """The data system has no room that KV may take (the weights are not evictable)."""
+
+
 class BlockStore:
     def __init__(self, address: str, timeout_ms: int, ttl_s: int, retry_s: float = 5.0) -> None:
         self._address = address
@@ -33,6 +39,7 @@ class BlockStore:
         self._retry_s = retry_s
         self._client = None
         self._down_until = 0.0
+        self._full_until = 0.0
 
     def _connected(self):
         if self._client is not None:
@@ -77,10 +84,13 @@ class BlockStore:
         client = self._connected()
         views: list[memoryview | None] = []
         for start in range(0, len(keys), _BATCH):
+            batch = list(keys[start:start + _BATCH])
             try:
-                buffers = client.get_read_only_buffers(list(keys[start:start + _BATCH]))
+                buffers = client.get_read_only_buffers(batch)
             except RuntimeError as exc:
-                self._failed(exc)
+                if "Key not found" not in str(exc):  # raised when none of the batch exists
+                    self._failed(exc)
+                buffers = [None] * len(batch)
             views += [None if buffer is None else buffer.immutable_data() for buffer in buffers]
         return views
 
@@ -89,6 +99,8 @@ class BlockStore:
         object appears whole or not at all (a reader never sees a half-written block)."""
         from yr.datasystem import WriteMode
 
+        if time.monotonic() < self._full_until:
+            raise StoreFull("the data system was full moments ago")
         client = self._connected()
         for start in range(0, len(keys), _BATCH):
             batch = [check_key(key) for key in keys[start:start + _BATCH]]
@@ -98,6 +110,11 @@ class BlockStore:
                     fill(start + offset, buffer.MutableData())
                 client.mset_buffer(buffers)
             except RuntimeError as exc:
+                if "Out of memory" in str(exc):
+                    # Only non-evictable objects (weights) are left. The client retried for seconds:
+                    # do not make every step pay that again; loads go on meanwhile.
+                    self._full_until = time.monotonic() + self._retry_s
+                    raise StoreFull(str(exc).splitlines()[0]) from None
                 self._failed(exc)
 
     def delete(self, keys: Sequence[str]) -> None:

@@ -3,9 +3,15 @@ vLLM engine in the same process never collide on collector names."""
 
 from __future__ import annotations
 
+from typing import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from app.kv.ledger import KVStats
 
 PREFIX = "yrllm_router"
+KV_PREFIX = "yrllm_kv"
 
 
 class RouterMetrics:
@@ -41,5 +47,44 @@ class RouterMetrics:
         self.autoscale_decisions = Counter(f"{PREFIX}_autoscale_decisions", "Autoscaling decisions, by "
                                            "direction.", ["direction"], registry=self.registry)
 
+        self.kv = KVMetrics()
+        self.registry.register(self.kv)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class KVMetrics:
+    """The App's KV totals (``KVStats``, over every replica), rendered from the latest snapshot the
+    App handed over: the totals are counted by the App, which reads the replicas' journals."""
+
+    def __init__(self) -> None:
+        self.stats = KVStats()
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats
+        lookups = CounterMetricFamily(f"{KV_PREFIX}_lookups", "Prompts looked up in the data system, by "
+                                      "result (hit: at least one block found).", labels=["result"])
+        lookups.add_metric(["hit"], stats.hits)
+        lookups.add_metric(["miss"], stats.misses)
+        yield lookups
+        yield CounterMetricFamily(f"{KV_PREFIX}_hit_tokens", "Prompt tokens loaded instead of computed.",
+                                  value=stats.hit_tokens)
+        blocks = CounterMetricFamily(f"{KV_PREFIX}_blocks", "KV blocks, by what happened to them (not_stored: "
+                                     "data system full or gone; load_failed: recomputed).", labels=["op"])
+        for op in ("stored", "not_stored", "loaded", "load_failed", "evicted"):
+            blocks.add_metric([op], getattr(stats, f"blocks_{op}"))
+        yield blocks
+        moved = CounterMetricFamily(f"{KV_PREFIX}_bytes", "Bytes of KV blocks stored and loaded.", labels=["op"])
+        for op in ("stored", "loaded"):
+            moved.add_metric([op], getattr(stats, f"bytes_{op}"))
+        yield moved
+        seconds = CounterMetricFamily(f"{KV_PREFIX}_seconds", "Time engines spent on the data system for KV, "
+                                      "by operation.", labels=["op"])
+        for op in ("lookup", "store", "load"):
+            seconds.add_metric([op], getattr(stats, f"{op}_seconds"))
+        yield seconds
+        yield GaugeMetricFamily(f"{KV_PREFIX}_resident_bytes", "Bytes of KV blocks in the data system, as the "
+                                "App accounts them.", value=stats.resident_bytes)
+        yield GaugeMetricFamily(f"{KV_PREFIX}_capacity_bytes", "kv.capacity_gb, in bytes.",
+                                value=stats.capacity_bytes)

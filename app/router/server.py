@@ -25,6 +25,7 @@ from aiohttp import web
 from app.config import RouterConfig
 from app.events import Event
 from app.replica import ReplicaInfo
+from app.kv.ledger import KVStats
 from app.router.metrics import RouterMetrics
 from app.router.openai_protocol import (
     ApiError,
@@ -154,12 +155,17 @@ class RouterServer:
         self._events.append(event.model_dump(mode="json"))
         self._metrics.supervision_events.labels(event.kind.value).inc()
 
+    def record_kv(self, stats: KVStats) -> None:
+        """Show the App's KV totals in /status and /metrics. Thread-safe (one reference swapped)."""
+        self._metrics.kv.stats = stats
+
     def snapshot(self) -> dict[str, Any]:
         """The ``/status`` document. Thread-safe (reads are of immutable snapshots)."""
         return {
             "models": self._models,
             "autoscale_decisions": list(self._decisions),
             "events": list(self._events),
+            "kv": self._metrics.kv.stats.model_dump(),
             "ready_replicas": len(self._pool.ready_ids()),
             "replicas": self._pool.rows(),
         }
