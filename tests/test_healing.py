@@ -1,6 +1,7 @@
 """Self-healing on the shared real App: a replica whose engine server or EngineCore is killed, or that
 stops answering, costs no request, leaves the Router at once, leaves no process behind and is
-replaced; a killed data system worker is restarted and the cache reseeds.
+replaced; a killed data system worker is restarted and the cache reseeds, and serving goes on
+without it meanwhile (KV blocks are computed, not loaded).
 
 The tests run in file order from the one replica the session App starts, and end with one again.
 """
@@ -15,7 +16,7 @@ import urllib.request
 
 import psutil
 import pytest
-from conftest import greedy, replica_urls, still_running
+from conftest import LONG_PROMPT, complete, greedy, replica_urls, still_running
 from test_serving import metric_value
 
 from app.weights.load_report import PlanKind, WeightSource
@@ -129,6 +130,9 @@ def test_a_killed_data_system_worker_is_restarted_and_the_next_replica_seeds(app
     tokens = greedy(url, model_name)
     worker = psutil.Process(app.status()["ds_worker_pid"])
     worker.kill()
+    # KV blocks cannot be looked up or stored now: the prompt is computed, and the answer is the same
+    # as on a replica that never saw it (below).
+    while_down = complete(url, model_name, "# while the data system is down\n" + LONG_PROMPT)["tokens"]
     wait_for(lambda: events(app, "ds_worker_restarted"), "the worker's restart")
     (died,) = events(app, "ds_worker_died")
     assert "1 cached weight entries died with it" in died["reason"]
@@ -142,3 +146,7 @@ def test_a_killed_data_system_worker_is_restarted_and_the_next_replica_seeds(app
     assert mapped.ok and mapped.replicas[0].weights.plan is PlanKind.MAP
     assert mapped.replicas[0].weights.source is WeightSource.HOST
     assert greedy(replica_urls(app)[mapped.replicas[0].replica_id], model_name) == tokens
+    fresh = complete(replica_urls(app)[mapped.replicas[0].replica_id], model_name,
+                     "# while the data system is down\n" + LONG_PROMPT)["tokens"]
+    assert fresh == while_down
+    assert wait_for(lambda: app.status()["kv"]["blocks_not_stored"] >= 3, "the blocks counted as not stored")
