@@ -5,6 +5,8 @@
 #                  BENCHMARKS.md
 #   make traffic - the bursty traffic replay, fixed vs autoscaled; writes bench/out/traffic.*
 #   make chaos   - faults under streaming load, and the Router's own cost; writes bench/out/chaos.*
+#   make kv      - prefix reuse through the data system, with and without the KV connector; writes
+#                  bench/out/kv.*
 # Both create .venv and install the pinned stack on first use (and again when a requirements file or
 # pyproject.toml changes).
 
@@ -12,7 +14,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench traffic chaos clean
+.PHONY: serve test bench traffic chaos kv clean
 
 serve: $(STAMP)
 	$(VENV)/bin/python entrypoint.py $(ARGS)
@@ -31,6 +33,9 @@ traffic: $(STAMP)
 
 chaos: $(STAMP)
 	$(VENV)/bin/python -m bench.chaos $(ARGS)
+
+kv: $(STAMP)
+	$(VENV)/bin/python -m bench.kv $(ARGS)
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

@@ -23,17 +23,14 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import psutil
-
-from app.runtime.processes import free_port
 from bench.chaos_report import DEFAULT_OUT, report
+from bench.driver import ds_worker_pid, start_driver, status, stop_driver, wait_until_quiet
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox"
@@ -61,18 +58,6 @@ class Outcome:
     ended: float | None = None
     failure: str | None = None  # None: a complete answer
     mid_stream: bool = False  # the failure came after bytes reached the client
-
-
-def http_call(url: str, path: str, body: dict | None = None, timeout: float = 120) -> tuple[int, bytes]:
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    try:
-        conn.request("POST" if body is not None else "GET", path, body=None if body is None else json.dumps(body),
-                     headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
 
 
 def stream_once(url: str, model: str, tokens: int, outcome: Outcome) -> None:
@@ -105,46 +90,12 @@ def stream_once(url: str, model: str, tokens: int, outcome: Outcome) -> None:
         conn.close()
 
 
-def status(url: str) -> dict:
-    return json.loads(http_call(url, "/status", timeout=10)[1])
-
-
 # ---- the App under test ---------------------------------------------------------------------------------
 
 def start_app(replicas: int, log: Path, standby_processes: int = 1) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "YRLLM_ENGINE__THREADS": "1", "YRLLM_ENGINE__DTYPE": "float32",
-           "YRLLM_ENGINE__MAX_MODEL_LEN": "512", "YRLLM_ENGINE__STANDBY_PROCESSES": str(standby_processes)}
-    driver = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), "--port", str(port), "--replicas",
-                               str(replicas)], cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if driver.poll() is not None:
-            raise RuntimeError(f"the App exited with code {driver.returncode}; see {log}")
-        try:
-            if sum(r["state"] == "ready" for r in status(url)["replicas"]) == replicas:
-                return driver, url
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"the App was not serving {replicas} replicas within 600 s; see {log}")
-
-
-def stop_app(driver: subprocess.Popen) -> None:
-    driver.send_signal(signal.SIGTERM)
-    try:
-        driver.wait(120)
-    except subprocess.TimeoutExpired:
-        os.killpg(driver.pid, signal.SIGKILL)
-
-
-def ds_worker_pid(driver: subprocess.Popen) -> int:
-    for child in psutil.Process(driver.pid).children(recursive=True):
-        if "datasystem_worker" in child.name():
-            return child.pid
-    raise RuntimeError("no data system worker under the App")
+    return start_driver(replicas, log, {"YRLLM_ENGINE__THREADS": "1", "YRLLM_ENGINE__DTYPE": "float32",
+                                        "YRLLM_ENGINE__MAX_MODEL_LEN": "512",
+                                        "YRLLM_ENGINE__STANDBY_PROCESSES": str(standby_processes)})
 
 
 # ---- the Router's own cost ---------------------------------------------------------------------------------
@@ -195,14 +146,7 @@ def run(args: argparse.Namespace, standby_processes: int, measure_overhead: bool
         return {**chaos(driver, url, model, args), "standby_processes": standby_processes,
                 "router_overhead": overhead}
     finally:
-        stop_app(driver)
-
-
-def wait_until_quiet(busy_percent: float = 15.0, timeout_s: float = 180.0) -> None:
-    """Until the machine's CPUs were under ``busy_percent`` busy for two seconds in a row."""
-    deadline, quiet = time.monotonic() + timeout_s, 0
-    while quiet < 2 and time.monotonic() < deadline:
-        quiet = quiet + 1 if psutil.cpu_percent(interval=1.0) < busy_percent else 0
+        stop_driver(driver)
 
 
 def chaos(driver: subprocess.Popen, url: str, model: str, args: argparse.Namespace) -> dict:

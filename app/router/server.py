@@ -24,8 +24,8 @@ from aiohttp import web
 
 from app.config import RouterConfig
 from app.events import Event
-from app.replica import ReplicaInfo
 from app.kv.ledger import KVStats
+from app.replica import ReplicaInfo
 from app.router.metrics import RouterMetrics
 from app.router.openai_protocol import (
     ApiError,

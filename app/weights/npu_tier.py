@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from app.weights.host_tier import TierError
 from app.datasystem_keys import check_key
+from app.weights.host_tier import TierError
 
 MAX_KEYS_PER_CALL = 10_000
 
