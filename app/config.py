@@ -107,9 +107,11 @@ class KVConfig(_Section):
     enabled: bool = Field(True, description="Store every full block of each prompt's KV in the data "
                           "system and load the blocks other replicas stored. Off: each replica has only "
                           "vLLM's own prefix cache.")
-    capacity_gb: float = Field(1.0, gt=0, description="Most GB of KV blocks kept in the data system; the "
-                               "least recently stored or loaded blocks are deleted beyond it. Weights are "
-                               "never evicted for KV: a data system that is full stores no more KV.")
+    capacity_gb: float | None = Field(None, gt=0, description="Most GB of KV blocks kept in the data system; "
+                                      "the least recently stored or loaded blocks are deleted beyond it. Unset: "
+                                      "a quarter of runtime.ds_shared_memory_mb in local mode, 1 GB in cluster "
+                                      "mode. Weights are never evicted for KV: a data system that is full stores "
+                                      "no more KV.")
     ttl_s: int = Field(3600, ge=0, description="A block nobody stored or loaded for this long expires "
                        "(0: never). Catches blocks whose replica died before the App accounted for them.")
     timeout_ms: int = Field(1000, gt=0, description="Data system request timeout for KV calls; a "
@@ -233,10 +235,18 @@ class AppConfig(BaseSettings):
             raise ValueError(f"{value} is not a model directory (no config.json)")
         return value
 
+    @property
+    def kv_capacity_gb(self) -> float:
+        """``kv.capacity_gb``, or its default for this runtime."""
+        if self.kv.capacity_gb is not None:
+            return self.kv.capacity_gb
+        local = self.runtime.resolved_mode is RuntimeMode.LOCAL
+        return self.runtime.ds_shared_memory_mb / 4 / 1000 if local else 1.0
+
     @model_validator(mode="after")
     def _kv_fits(self) -> "AppConfig":
         if (self.kv.enabled and self.runtime.resolved_mode is RuntimeMode.LOCAL
-                and self.kv.capacity_gb * 1024 >= self.runtime.ds_shared_memory_mb):
+                and self.kv_capacity_gb * 1000 >= self.runtime.ds_shared_memory_mb):
             raise ValueError(f"kv.capacity_gb ({self.kv.capacity_gb}) must leave room for the weights in "
                              f"runtime.ds_shared_memory_mb ({self.runtime.ds_shared_memory_mb})")
         return self

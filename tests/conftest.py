@@ -174,7 +174,6 @@ def app(model_dir):
         "engine.max_model_len": 512,
         "engine.kv_cache_gib": 0.125,
         "runtime.ds_shared_memory_mb": 1024,
-        "kv.capacity_gb": 0.25,
         "demo_cache_dir": str(test_cache_dir()),
     })
     application = App(config).start()

@@ -97,3 +97,15 @@ def test_one_load_does_not_leak_into_the_next():
 def test_an_undecodable_environment_value_names_the_field():
     with pytest.raises(ConfigError, match="extra_args: not YAML or JSON"):
         AppConfig.load(env={"YRLLM_ENGINE__EXTRA_ARGS": "[unclosed"})
+
+
+def test_kv_capacity_defaults_to_a_quarter_of_the_local_worker_and_must_fit_in_it():
+    assert AppConfig.load(env={}).kv_capacity_gb == pytest.approx(4096 / 4 / 1000)
+    assert AppConfig.load(env={}, overrides={"runtime.ds_shared_memory_mb": 256}).kv_capacity_gb == 0.064
+    assert AppConfig.load(env={}, overrides={"kv.capacity_gb": 2}).kv_capacity_gb == 2
+    cluster = {"runtime.server_address": "10.0.0.1:31222", "runtime.ds_address": "10.0.0.1:31501"}
+    assert AppConfig.load(env={}, overrides=cluster).kv_capacity_gb == 1.0
+    with pytest.raises(ConfigError, match="kv.capacity_gb .* must leave room for the weights"):
+        AppConfig.load(env={}, overrides={"kv.capacity_gb": 4, "runtime.ds_shared_memory_mb": 4096})
+    # Off, a capacity is not checked: it is not used.
+    assert not AppConfig.load(env={}, overrides={"kv.enabled": False, "kv.capacity_gb": 40}).kv.enabled

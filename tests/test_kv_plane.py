@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.kv.block_format import CorruptBlock, object_size, read_block, write_block
-from app.kv.journal import JournalReader, JournalWriter, KVOp
+from app.kv.journal import JournalReader, JournalWriter, KVOp, journal_file
 from app.kv.keys import KVNamespace, block_keys, layout_tag
 from app.kv.ledger import KVLedger
 from app.kv.scheduling import BlockScheduler, StepRequest
@@ -92,7 +92,7 @@ class FakeStore:
 
 @pytest.fixture
 def journal(tmp_path):
-    return JournalWriter(tmp_path / "journal.jsonl")
+    return JournalWriter(tmp_path / "kv-r1", "scheduler")
 
 
 def test_a_lookup_finds_the_stored_prefix_and_leaves_one_token_to_compute(journal):
@@ -161,27 +161,40 @@ def test_blocks_that_failed_to_load_are_stored_again_once_recomputed(journal):
 
 
 def test_the_journal_says_what_the_lookups_found(tmp_path):
-    writer = JournalWriter(tmp_path / "j.jsonl")
+    writer = JournalWriter(tmp_path / "kv-r1", "scheduler")
     prompt = list(range(12))
     scheduler = BlockScheduler(NAMESPACE, FakeStore(set(block_keys(NAMESPACE, prompt, 1))), writer)
     scheduler.lookup("hit", prompt, 0)
     scheduler.lookup("miss", [5] + prompt[1:], 0)
     scheduler.lookup("short", prompt[:3], 0)  # no full block: nothing to look up, no line
-    lines = JournalReader(tmp_path / "j.jsonl").read()
+    lines = JournalReader(tmp_path / "kv-r1", "scheduler").read()
     assert [(line["op"], line["blocks"]) for line in lines] == [("lookup", 1), ("lookup", 0)]
 
 
 def test_a_journal_reader_never_returns_half_a_line(tmp_path):
-    path = tmp_path / "j.jsonl"
-    JournalWriter(path).record(KVOp.STORED, keys=["a"], bytes=1, seconds=0.1)
+    JournalWriter(tmp_path / "kv-r1", "worker").record(KVOp.STORED, keys=["a"], bytes=1, seconds=0.1)
+    path = journal_file(tmp_path / "kv-r1", "worker")
     with open(path, "a") as handle:
         handle.write('{"op": "stored", "ke')
-    reader = JournalReader(path)
+    reader = JournalReader(tmp_path / "kv-r1", "worker")
     assert [line["keys"] for line in reader.read()] == [["a"]]
     with open(path, "a") as handle:
         handle.write('ys": ["b"], "bytes": 1, "seconds": 0.1}\n')
     assert [line["keys"] for line in reader.read()] == [["b"]]
     assert reader.read() == []
+
+
+def test_a_journal_rotates_and_the_reader_deletes_what_it_has_read(tmp_path):
+    writer = JournalWriter(tmp_path / "kv-r1", "worker", rotate_bytes=200)
+    reader = JournalReader(tmp_path / "kv-r1", "worker")
+    seen = []
+    for index in range(30):
+        writer.record(KVOp.STORED, keys=[f"k{index}"], bytes=1, seconds=0.1)
+        if index % 7 == 0:
+            seen += reader.read()
+    seen += reader.read()
+    assert [line["keys"][0] for line in seen] == [f"k{index}" for index in range(30)]  # each once, in order
+    assert len(list(tmp_path.glob("kv-r1-worker-*.jsonl"))) == 1  # only the file being written is left
 
 
 def _cache(blocks: int = 3, dtype=torch.bfloat16) -> torch.Tensor:

@@ -95,7 +95,8 @@ class App:
         if not self.start_report.ok:
             raise RuntimeError(f"the App could not start its replicas:\n{self.start_report}")
         if self.config.kv.enabled and self._runtime.ds_address:
-            self._kv = KVAccountant(self.config.kv, self._scaler, self._router, self._runtime.ds_address)
+            self._kv = KVAccountant(self.config.kv, self.config.kv_capacity_gb, self._scaler, self._router,
+                                   self._runtime.ds_address)
             self._kv.start()
         if self.config.supervision.enabled:
             self._supervisor = Supervisor(self.config.supervision, self._scaler, self._runtime, self._weights,

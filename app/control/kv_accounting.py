@@ -1,4 +1,4 @@
-"""Keeps the KV blocks in the data system within ``kv.capacity_gb``, and the KV metrics current.
+"""Keeps the KV blocks in the data system within ``kv.capacity_gb`` (``AppConfig.kv_capacity_gb``), and the KV metrics current.
 
 Every ``kv.accounting_interval_s`` it reads what each serving replica's connector did since the last
 read (its journal, through the replica's actor), updates the ``KVLedger``, deletes the blocks the
@@ -22,12 +22,12 @@ logger = logging.getLogger(__name__)
 class KVAccountant:
     """``start`` once, ``stop`` once."""
 
-    def __init__(self, config: KVConfig, scaler: Scaler, router: Any, ds_address: str) -> None:
+    def __init__(self, config: KVConfig, capacity_gb: float, scaler: Scaler, router: Any, ds_address: str) -> None:
         self._config = config
         self._scaler = scaler
         self._router = router
         self._store = BlockStore(ds_address, config.timeout_ms, config.ttl_s)
-        self._ledger = KVLedger(int(config.capacity_gb * 1e9))
+        self._ledger = KVLedger(int(capacity_gb * 1e9))
         self._lock = threading.Lock()  # the ledger: the accounting thread and forget_all
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kv-accounting", daemon=True)
@@ -39,7 +39,10 @@ class KVAccountant:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
-        self.account()  # the last lines, so that /metrics ends complete
+        try:
+            self.account()  # the last lines, so that /metrics ends complete
+        except Exception:  # noqa: BLE001 - shutdown goes on
+            logger.exception("the last KV accounting failed")
 
     def forget_all(self) -> None:
         """The data system worker restarted without its objects."""

@@ -21,7 +21,7 @@ import urllib.request
 from app.engine.launch_report import LaunchReport
 from app.engine.pool import ENGINE_POOL
 from app.engine.spec import EngineSpec
-from app.kv.journal import SIDES, JournalReader, journal_file
+from app.kv.journal import SIDES, JournalReader
 from app.replica import ReplicaInfo, ReplicaState, Role
 from app.runtime.processes import ChildProcess, free_port, is_live_child
 from app.weights.load_report import LoadReport
@@ -46,8 +46,7 @@ class EngineHost:
         self._launch: LaunchReport | None = None  # once ready
         self._lock = threading.Lock()
         self.timeline: dict[str, float] = {"actor_up": time.time()}
-        self._kv_journals = [JournalReader(journal_file(spec.kv_journal_path, side))
-                             for side in SIDES] if spec.kv_connector else []
+        self._kv_journals = [JournalReader(spec.kv_journal_path, side) for side in SIDES] if spec.kv_connector else []
 
     @property
     def spec(self) -> EngineSpec:

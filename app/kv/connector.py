@@ -26,7 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from app.kv.block_format import CorruptBlock
-from app.kv.journal import SIDES, JournalWriter, KVOp, journal_file
+from app.kv.journal import SIDES, JournalWriter, KVOp
 from app.kv.keys import KVNamespace, layout_tag
 from app.kv.scheduling import BlockScheduler, BlockTransfer, StepRequest
 from app.kv.settings import ConnectorSettings
@@ -55,7 +55,7 @@ class DataSystemKVConnector(KVConnectorBase_V1):
         settings = ConnectorSettings.model_validate(self._kv_transfer_config.kv_connector_extra_config)
         self._store = BlockStore(settings.ds_address, settings.timeout_ms, settings.ttl_s)
         side = SIDES[0] if role is KVConnectorRole.SCHEDULER else SIDES[1]
-        self._journal = JournalWriter(journal_file(settings.journal, side))
+        self._journal = JournalWriter(settings.journal, side)
         self._namespace, self._block_shape, refusal = _namespace(vllm_config, kv_cache_config, settings)
         self._scheduler: BlockScheduler | None = None
         self._copier: BlockCopier | None = None

@@ -17,7 +17,7 @@ class ConnectorSettings(BaseModel):
 
     ds_address: str  # the data system worker, HOST:PORT
     fingerprint: str = Field(pattern=r"^[0-9a-f]{16,64}$")  # the weights' identity
-    journal: Path  # this engine's journal (the connector appends ``-scheduler`` / ``-worker``)
+    journal: Path  # this engine's journal: the base name of its files (``app.kv.journal``)
     timeout_ms: int = Field(gt=0)
     ttl_s: int = Field(ge=0)
 
