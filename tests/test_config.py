@@ -106,6 +106,6 @@ def test_kv_capacity_defaults_to_a_quarter_of_the_local_worker_and_must_fit_in_i
     cluster = {"runtime.server_address": "10.0.0.1:31222", "runtime.ds_address": "10.0.0.1:31501"}
     assert AppConfig.load(env={}, overrides=cluster).kv_capacity_gb == 1.0
     with pytest.raises(ConfigError, match="kv.capacity_gb .* must leave room for the weights"):
-        AppConfig.load(env={}, overrides={"kv.capacity_gb": 4, "runtime.ds_shared_memory_mb": 4096})
+        AppConfig.load(env={}, overrides={"kv.capacity_gb": 5, "runtime.ds_shared_memory_mb": 4096})
     # Off, a capacity is not checked: it is not used.
     assert not AppConfig.load(env={}, overrides={"kv.enabled": False, "kv.capacity_gb": 40}).kv.enabled
