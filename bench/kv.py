@@ -63,12 +63,16 @@ def request_seconds(url: str, model: str, prompt: str, tokens: int = 16) -> floa
     return time.perf_counter() - started
 
 
+def tokenize(url: str, model: str, text: str) -> list[int]:
+    return _post(url, "/tokenize", {"model": model, "prompt": text, "add_special_tokens": False})["tokens"]
+
+
 def prefixes(url: str, model: str, count: int, length: int) -> list[list[int]]:
     """``count`` distinct prefixes of ``length`` tokens: slices of Python's own source, tokenized."""
     import json as json_module
 
     sources = [Path(module.__file__).read_text() for module in (json_module.decoder, argparse, statistics)]
-    tokens = _post(url, "/tokenize", {"model": model, "prompt": "\n".join(sources), "add_special_tokens": False})["tokens"]
+    tokens = tokenize(url, model, "\n".join(sources))
     if len(tokens) < count * length:
         raise RuntimeError(f"the source text has {len(tokens)} tokens, fewer than {count} x {length}")
     return [tokens[i * length:(i + 1) * length] for i in range(count)]
@@ -94,7 +98,8 @@ def granularity(ds_address: str, block_bytes: int, layers: int, blocks: int = 16
     """Store and load ``blocks`` blocks as one object each (all layers) or one object per layer."""
     store = BlockStore(ds_address, timeout_ms=5000, ttl_s=0)
     results = {}
-    for name, count, size in (("per_block", blocks, block_bytes), ("per_layer", blocks * layers, block_bytes // layers)):
+    shapes = (("per_block", blocks, block_bytes), ("per_layer", blocks * layers, block_bytes // layers))
+    for name, count, size in shapes:
         payload = np.full(size, 7, np.uint8)
         target = np.empty(size, np.uint8)
         stores, loads = [], []
@@ -133,7 +138,7 @@ def run(args: argparse.Namespace) -> dict:
         model = status(on_url)["models"][0]
         first = next(r["url"] for r in status(on_url)["replicas"] if r["state"] == "ready")
         samples = prefixes(first, model, 2 * args.samples, args.prefix_tokens)
-        question = _post(first, "/tokenize", {"model": model, "prompt": QUESTION, "add_special_tokens": False})["tokens"]
+        question = tokenize(first, model, QUESTION)
         stored, fresh = samples[:args.samples], samples[args.samples:]
         wait_until_quiet()
         computed_on_first = [ttft(first, model, prefix + question) for prefix in stored]

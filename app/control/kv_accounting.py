@@ -1,4 +1,5 @@
-"""Keeps the KV blocks in the data system within ``kv.capacity_gb`` (``AppConfig.kv_capacity_gb``), and the KV metrics current.
+"""Keeps the KV blocks in the data system within ``kv.capacity_gb`` (``AppConfig.kv_capacity_gb``),
+and the KV metrics current.
 
 Every ``kv.accounting_interval_s`` it reads what each serving replica's connector did since the last
 read (its journal, through the replica's actor), updates the ``KVLedger``, deletes the blocks the

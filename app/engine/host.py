@@ -46,7 +46,8 @@ class EngineHost:
         self._launch: LaunchReport | None = None  # once ready
         self._lock = threading.Lock()
         self.timeline: dict[str, float] = {"actor_up": time.time()}
-        self._kv_journals = [JournalReader(spec.kv_journal_path, side) for side in SIDES] if spec.kv_connector else []
+        self._kv_journals = [JournalReader(spec.kv_journal_path, side) for side in SIDES] \
+            if spec.kv_connector else []
 
     @property
     def spec(self) -> EngineSpec:

@@ -108,7 +108,7 @@ class EngineSpec(BaseModel):
 
     @property
     def kv_journal_path(self) -> Path:
-        """Where this engine's KV connector journals (one file per side, with a suffix)."""
+        """The base name of this engine's KV connector journal files (``app.kv.journal``)."""
         return self.log_dir / f"kv-{self.replica_id}"
 
     @property

@@ -189,7 +189,8 @@ def _namespace(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig",
     """The namespace of this engine's blocks and the per-block cache shape, or why there is none."""
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1 or type(groups[0].kv_cache_spec) is not FullAttentionSpec:
-        return None, (), f"needs one full-attention KV cache group, got {[type(g.kv_cache_spec).__name__ for g in groups]}"
+        kinds = [type(group.kv_cache_spec).__name__ for group in groups]
+        return None, (), f"needs one full-attention KV cache group, got {kinds}"
     tp_size = vllm_config.parallel_config.tensor_parallel_size
     if tp_size != 1 or vllm_config.parallel_config.pipeline_parallel_size != 1:
         return None, (), "tensor or pipeline parallelism is not supported yet"
