@@ -257,3 +257,19 @@ def test_the_ledger_counts_what_the_journals_say():
     assert (stats.blocks_stored, stats.blocks_loaded, stats.blocks_load_failed, stats.blocks_not_stored) == (2, 1, 1, 1)
     assert stats.resident_blocks == 1  # b was deleted by the connector that found it corrupt
     json.dumps(stats.model_dump())  # /status carries it
+
+
+def test_a_cache_salt_isolates_its_requests_blocks():
+    tokens = list(range(8))
+    plain, tenant = block_keys(NAMESPACE, tokens, 2), block_keys(NAMESPACE, tokens, 2, salt="tenant-a")
+    assert not set(plain) & set(tenant)
+    assert block_keys(NAMESPACE, tokens, 2, salt="tenant-a") == tenant
+
+
+def test_a_request_whose_tokens_do_not_decide_its_kv_is_neither_loaded_nor_stored(journal):
+    store = FakeStore(set(block_keys(NAMESPACE, list(range(12)), 3)))
+    scheduler = BlockScheduler(NAMESPACE, store, journal)
+    assert scheduler.lookup("image", None, 0) == 0  # the connector passes None for images and adapters
+    scheduler.allocated("image", [1, 2, 3], 0)
+    assert scheduler.step([StepRequest("image", 12, [1, 2, 3], replace=True)]) == ([], [])
+    assert store.asked == 0

@@ -72,7 +72,11 @@ class DataSystemKVConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         if self._scheduler is None:
             return 0, False
-        return self._scheduler.lookup(request.request_id, request.prompt_token_ids, num_computed_tokens), False
+        # Token ids alone decide the KV only without images (their placeholders are the same tokens
+        # for every image) and without a LoRA adapter: other requests are not shared.
+        shareable = not request.mm_features and request.lora_request is None
+        prompt = request.prompt_token_ids if shareable else None
+        return self._scheduler.lookup(request.request_id, prompt, num_computed_tokens, request.cache_salt), False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         if self._scheduler is not None:

@@ -49,12 +49,13 @@ def layout_tag(layers: Sequence[str], num_kv_heads: int, head_size: int, shape: 
     return f"L{len(layers)}_{names}_H{num_kv_heads}_D{head_size}_S{'x'.join(map(str, shape))}"
 
 
-def block_keys(namespace: KVNamespace, token_ids: Sequence[int], blocks: int) -> list[str]:
-    """Keys of the first ``blocks`` full blocks of ``token_ids``."""
+def block_keys(namespace: KVNamespace, token_ids: Sequence[int], blocks: int, salt: str | None = None) -> list[str]:
+    """Keys of the first ``blocks`` full blocks of ``token_ids``. A request's ``cache_salt`` (vLLM's
+    per-tenant prefix cache isolation) starts its chain, so only requests with the same salt share."""
     size = namespace.block_size
     if blocks * size > len(token_ids):
         raise ValueError(f"{len(token_ids)} tokens hold fewer than {blocks} blocks of {size}")
-    digest = namespace.digest
+    digest = namespace.digest if salt is None else hashlib.sha256(namespace.digest + salt.encode()).digest()
     keys = []
     for index in range(blocks):
         tokens = array("q", token_ids[index * size:(index + 1) * size]).tobytes()

@@ -54,16 +54,18 @@ class BlockScheduler:
         self._requests: dict[str, _Request] = {}
         self._loads: list[BlockTransfer] = []
 
-    def lookup(self, req_id: str, prompt: Sequence[int] | None, computed: int) -> int:
+    def lookup(self, req_id: str, prompt: Sequence[int] | None, computed: int, salt: str | None = None) -> int:
         """Tokens beyond the ``computed`` ones (the engine's own prefix hit, block-aligned) that the
-        data system holds for this request; 0 if none or if it cannot be asked."""
+        data system holds for this request; 0 if none or if it cannot be asked. ``prompt`` None: a
+        request whose KV its token ids do not decide (embeddings, images, an adapter); it is neither
+        loaded nor stored."""
         size = self._namespace.block_size
         request = self._requests.get(req_id)
         if request is None:
             if not prompt:
                 return 0
             full = len(prompt) // size
-            request = _Request(block_keys(self._namespace, prompt, full), (len(prompt) - 1) // size)
+            request = _Request(block_keys(self._namespace, prompt, full, salt), (len(prompt) - 1) // size)
             self._requests[req_id] = request
         first = computed // size
         if request.found is not None and request.found[0] == first:
