@@ -62,7 +62,9 @@ def complete(url: str, model: str, prompt: str, **sampling: float) -> dict:
     request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         answer = json.loads(response.read())
-    return {"tokens": answer["choices"][0]["token_ids"], "prompt_tokens": answer["usage"]["prompt_tokens"]}
+    choice = answer["choices"][0]
+    return {"tokens": choice["token_ids"], "prompt_tokens": answer["usage"]["prompt_tokens"],
+            "logprobs": choice["logprobs"]["token_logprobs"] if choice.get("logprobs") else None}
 
 
 def replica_urls(app) -> dict[str, str]:

@@ -53,12 +53,14 @@ def test_a_prefix_computed_on_one_replica_is_a_counted_hit_on_another_with_the_s
     prompt = "# first question\n" + LONG_PROMPT  # a prefix of its own
     computed = complete(url_a, model_name, prompt)
     assert computed["prompt_tokens"] > 3 * BLOCK
-    local_hit = complete(url_a, model_name, prompt)  # vLLM's own prefix cache, for comparison
-    loaded = complete(url_b, model_name, prompt)
+    local_hit = complete(url_a, model_name, prompt, logprobs=1)  # vLLM's own prefix cache, for comparison
+    loaded = complete(url_b, model_name, prompt, logprobs=1)
     assert loaded["tokens"] == computed["tokens"] == local_hit["tokens"]
+    # Loaded blocks are the bytes a local prefix hit reads (the same split of the prompt): the same
+    # numbers, bit for bit.
+    assert loaded["logprobs"] == local_hit["logprobs"]
     # Greedy tokens of a random-weight model repeat; seeded sampling over its near-flat distribution
-    # shows any change in the numbers. Loaded blocks are the bytes a local prefix hit reads (the same
-    # split of the prompt), so both sample the same tokens.
+    # shows a change in the numbers in the tokens themselves.
     sampled = {"temperature": 1.0, "seed": 7, "max_tokens": 16}
     local_sample = complete(url_a, model_name, prompt, **sampled)["tokens"]
     assert len(set(local_sample)) > 4, "the sample must be one in which a wrong KV would show"

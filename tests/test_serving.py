@@ -95,6 +95,17 @@ def test_completion(client, model_name):
 
 
 @pytest.mark.engine
+def test_logprobs(client, model_name):
+    """vLLM torch.compiles the sampler's logprob ranking on first use, which needs the engine to have
+    this environment (a C++ compiler on PATH), not only the spec's variables."""
+    completion = client.completions.create(model=model_name, prompt="def fib(n):", max_tokens=4, temperature=0,
+                                           logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == 4 and all(value <= 0 for value in logprobs.token_logprobs)
+    assert all(len(top) >= 1 for top in logprobs.top_logprobs)
+
+
+@pytest.mark.engine
 def test_chat_completion(client, model_name):
     chat = client.chat.completions.create(model=model_name, max_tokens=8, temperature=0,
                                           messages=[{"role": "user", "content": "Say hello."}])

@@ -50,8 +50,10 @@ def main() -> None:
     received = time.time()
     spec = EngineSpec.model_validate_json(line)
     # The pool started us with spec.environment() already; applied again for whoever runs us by hand.
+    # Computed before the clear: it is this environment with the spec's changes.
+    environment = child_environment(spec.environment(os.cpu_count() or 1))
     os.environ.clear()
-    os.environ.update(child_environment(spec.environment(os.cpu_count() or 1)))
+    os.environ.update(environment)
 
     report = LaunchReport(replica_id=spec.replica_id, launcher=Launcher.SPAWN, preimported_modules=preimported,
                           spec_received_at=received)
