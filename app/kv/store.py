@@ -3,10 +3,11 @@
 Blocks are written evictable (``WriteMode.NONE_L2_CACHE_EVICT``) with a TTL: when the worker runs
 short of memory it drops KV blocks, oldest write first, never the weights (written non-evictable);
 and a block nobody accounts for any more (its writer died before the App read its journal) expires.
-If only the weights are left, a write fails as "out of memory" after the client's retries (~5 s):
-the store then stores nothing for ``retry_s`` (``StoreFull``). A data system that cannot be
-reached is not an error here: the store reports ``StoreUnavailable``, the connector recomputes, and the
-next call after ``retry_s`` tries again (a restarted worker comes back on the same port).
+If only the weights are left, a write fails as "out of memory" after the client's retries (about
+the request timeout, ``kv.timeout_ms``): the store then stores nothing for ``retry_s``
+(``StoreFull``). A data system that cannot be reached is not an error here: the store reports
+``StoreUnavailable``, the connector recomputes, and the next call after ``retry_s`` tries again (a
+restarted worker comes back on the same port).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class BlockStore:
                 client.mset_buffer(buffers)
             except RuntimeError as exc:
                 if "Out of memory" in str(exc):
-                    # Only non-evictable objects (weights) are left. The client retried for seconds:
+                    # Only non-evictable objects (weights) are left. The client retried for its timeout:
                     # do not make every step pay that again; loads go on meanwhile.
                     self._full_until = time.monotonic() + self._retry_s
                     raise StoreFull(str(exc).splitlines()[0]) from None
