@@ -69,9 +69,7 @@ def tokenize(url: str, model: str, text: str) -> list[int]:
 
 def prefixes(url: str, model: str, count: int, length: int) -> list[list[int]]:
     """``count`` distinct prefixes of ``length`` tokens: slices of Python's own source, tokenized."""
-    import json as json_module
-
-    sources = [Path(module.__file__).read_text() for module in (json_module.decoder, argparse, statistics)]
+    sources = [Path(module.__file__).read_text() for module in (json.decoder, argparse, statistics)]
     tokens = tokenize(url, model, "\n".join(sources))
     if len(tokens) < count * length:
         raise RuntimeError(f"the source text has {len(tokens)} tokens, fewer than {count} x {length}")

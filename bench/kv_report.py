@@ -12,21 +12,17 @@ ROOT = Path(__file__).resolve().parent.parent
 TITLE = "KV prefix reuse through the data system"
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def _each(rows: list[dict], key: str, digits: int) -> str:
     return ", ".join(f"{row[key]:.{digits}f}" for row in rows)
 
 
 def report(result: dict, out: Path, publish: bool) -> None:
     rows, kv = result["samples"], result["kv"]
-    off = _median([r["recompute_off_s"] for r in rows])
-    on = _median([r["recompute_on_s"] for r in rows])
-    loaded = _median([r["loaded_s"] for r in rows])
+    off = statistics.median([r["recompute_off_s"] for r in rows])
+    on = statistics.median([r["recompute_on_s"] for r in rows])
+    loaded = statistics.median([r["loaded_s"] for r in rows])
     speedup, overhead = off / loaded, on / off - 1
-    short_on, short_off = _median(result["short"]["on"]), _median(result["short"]["off"])
+    short_on, short_off = statistics.median(result["short"]["on"]), statistics.median(result["short"]["off"])
     short_overhead = short_on / short_off - 1
     tokens = result["prefix_tokens"] + result["question_tokens"]
     store_gbps = kv["bytes_stored"] / kv["store_seconds"] / 1e9 if kv["store_seconds"] else 0.0

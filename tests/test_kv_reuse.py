@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import LONG_PROMPT, complete
+from conftest import LONG_PROMPT, complete, replica_urls
 
 from app.kv.block_format import HEADER_SIZE, read_block
 from app.kv.journal import JournalReader
@@ -23,9 +23,8 @@ BLOCK = 128  # vLLM's default block size on CPU
 @pytest.fixture(scope="module")
 def two_replicas(app):
     app.scale(2)
-    (a, _), (b, _) = sorted((r["replica_id"], r["url"]) for r in app.status()["replicas"] if r["state"] == "ready")
-    urls = {r["replica_id"]: r["url"] for r in app.status()["replicas"]}
-    yield (a, urls[a]), (b, urls[b])
+    first, second = sorted(replica_urls(app).items())
+    yield first, second
     app.scale(1)  # the other test modules expect the App as the session fixture started it
 
 

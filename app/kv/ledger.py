@@ -46,6 +46,7 @@ class KVStats(BaseModel):
 class KVLedger:
     def __init__(self, capacity_bytes: int) -> None:
         self._blocks: OrderedDict[str, int] = OrderedDict()  # key -> object size, least recent first
+        self._bytes = 0  # the sum of the sizes in _blocks
         self.stats = KVStats(capacity_bytes=capacity_bytes)
 
     def ingest(self, lines: Iterable[dict[str, Any]]) -> None:
@@ -78,9 +79,9 @@ class KVLedger:
         """Forget the least recent blocks until the rest fit the capacity; returns their keys, to
         delete."""
         evicted = []
-        while self.stats.resident_bytes > self.stats.capacity_bytes and self._blocks:
+        while self._bytes > self.stats.capacity_bytes and self._blocks:
             key, size = self._blocks.popitem(last=False)
-            self.stats.resident_bytes -= size
+            self._bytes -= size
             evicted.append(key)
         self.stats.blocks_evicted += len(evicted)
         self._count()
@@ -89,17 +90,19 @@ class KVLedger:
     def forget_all(self) -> None:
         """The data system lost every object (its worker restarted)."""
         self._blocks.clear()
+        self._bytes = 0
         self._count()
 
     def _touch(self, keys: list[str], size: int) -> None:
         for key in keys:
+            self._bytes += size - self._blocks.get(key, 0)
             self._blocks[key] = size
             self._blocks.move_to_end(key)
 
     def _drop(self, keys: list[str]) -> None:
         for key in keys:
-            self._blocks.pop(key, None)
+            self._bytes -= self._blocks.pop(key, 0)
 
     def _count(self) -> None:
         self.stats.resident_blocks = len(self._blocks)
-        self.stats.resident_bytes = sum(self._blocks.values())
+        self.stats.resident_bytes = self._bytes
