@@ -1,22 +1,15 @@
-"""Decode actor: the decode half of a disaggregated replica. Not available yet.
-
-The seam is here so that the App, the Router's ``Role`` and ``/status`` already speak of it:
-disaggregation needs a KV connector that moves KV blocks through the data system (see
-``../shared/REFERENCE.md``, "Prefill/Decode on vLLM's CPU backend"), which is a later issue.
-"""
+"""Decode actor: hosts one vLLM engine in the decode role (``actors.engine_actor``). It loads the
+prompt's KV that a Prefill replica stored in the data system, computes the last prompt token and
+generates; KV that is missing or corrupt is recomputed (``app.kv``)."""
 
 from __future__ import annotations
 
 import yr
 
-from app.engine.spec import EngineSpec
+from actors.engine_actor import EngineActor
+from app.replica import Role
 
 
 @yr.instance
-class Decode:
-    def __init__(self, spec: EngineSpec) -> None:
-        self._spec = spec
-
-    def start(self) -> None:
-        raise NotImplementedError("disaggregated prefill/decode is not implemented yet; "
-                                  "replicas run PD-merged (Prefill actors)")
+class Decode(EngineActor):
+    roles = (Role.DECODE,)

@@ -6,7 +6,7 @@ from typing import Any
 
 import yr
 
-from app.config import RouterConfig
+from app.config import RouterConfig, ServingMode
 from app.events import Event
 from app.kv.ledger import KVStats
 from app.replica import ReplicaInfo
@@ -19,8 +19,8 @@ class Router:
     """Owns the aiohttp server thread; the App pushes the replica table and drains replicas through it,
     and long-polls it for scaling requests that arrive over HTTP."""
 
-    def __init__(self, config: RouterConfig, served_models: list[str]) -> None:
-        self._server = RouterServer(config, served_models)
+    def __init__(self, config: RouterConfig, served_models: list[str], mode: ServingMode) -> None:
+        self._server = RouterServer(config, served_models, mode)
 
     def start(self) -> int:
         return self._server.start_in_thread()
@@ -31,7 +31,7 @@ class Router:
     def drain(self, replica_id: str, timeout_s: float) -> bool:
         return self._server.drain(replica_id, timeout_s)
 
-    def signals(self) -> dict[str, Any]:
+    def signals(self) -> dict[str, dict[str, Any]]:
         return self._server.signals()
 
     def record_decision(self, decision: dict[str, Any]) -> None:

@@ -1,11 +1,13 @@
-"""The one validated configuration of the App.
+"""The one validated configuration of the App. It is long because every field is documented where it
+is declared, in the sections of the App's parts.
 
 Sources, each overriding the one before (``app.config_sources`` reads them, pydantic-settings merges
 them): defaults < YAML file (``--config``) < environment variables < command-line flags.
 
 Environment variables are ``YRLLM_<SECTION>__<FIELD>`` (for example ``YRLLM_ROUTER__PORT=9100``);
-top-level fields are ``YRLLM_<FIELD>`` (``YRLLM_REPLICAS=2``). The openYuanrong variables
-``YR_SERVER_ADDRESS`` and ``DS_WORKER_ADDR`` from the original case select cluster mode.
+top-level fields are ``YRLLM_<FIELD>`` (``YRLLM_REPLICAS=2``). The original case's variables are
+honoured too: ``YR_SERVER_ADDRESS`` and ``DS_WORKER_ADDR`` select cluster mode, ``PREFILL_INS_NUM``,
+``DECODE_INS_NUM``, ``PTP`` and ``DTP`` size the pools (``config_sources``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from app.config_sources import ENV_PREFIX, NESTED_DELIMITER, ConfigError, LoadInputs, sources_for, unflatten
+from app.replica import Role
 
 #: The most replicas one App runs (a bound on config, scaling calls and HTTP scaling requests).
 MAX_REPLICAS = 64
@@ -120,8 +123,35 @@ class KVConfig(_Section):
                                          "replicas' KV journals (evictions and /metrics follow them).")
 
 
+class ServingMode(str, Enum):
+    """How replicas split the work of a request."""
+
+    MERGED = "merged"  # every replica serves whole requests (the original case's DECODE_INS_NUM=0)
+    DISAGGREGATED = "disaggregated"  # a prefill pool computes prompts, a decode pool generates
+
+
+class PoolConfig(_Section):
+    """One pool of engine replicas (sections ``prefill`` and ``decode``)."""
+
+    replicas: int = Field(1, ge=0, le=MAX_REPLICAS, description="Disaggregated mode: replicas of this "
+                          "pool started by App.start() (env PREFILL_INS_NUM / DECODE_INS_NUM). Merged "
+                          "mode counts its replicas in the top-level 'replicas'.")
+    tensor_parallel: int = Field(1, ge=1, description="Tensor parallel size of each engine of the pool "
+                                 "(env PTP / DTP; prefill's applies to merged replicas too). Only 1 so far.")
+
+    @field_validator("tensor_parallel")
+    @classmethod
+    def _one_device(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(f"tensor_parallel {value}: only 1 is supported so far (engines run vLLM's "
+                             "in-process 'uni' executor; tensor parallelism needs its multiprocess one)")
+        return value
+
+
 class AutoscaleConfig(_Section):
-    """Autoscaling knobs (section ``autoscale`` of AppConfig)."""
+    """Autoscaling knobs (section ``autoscale`` of AppConfig). In disaggregated mode each pool is
+    scaled on its own signal, within the same bounds: prefill on the prompts in flight per replica
+    (``target_in_flight``, queueing) and the TTFT, decode on the streams in flight per replica."""
 
     enabled: bool = Field(False, description="Follow the traffic (also --autoscale).")
     min_replicas: int = Field(1, ge=0, description="Never fewer replicas than this.")
@@ -133,6 +163,9 @@ class AutoscaleConfig(_Section):
     quiet_period_s: float = Field(30.0, ge=0, description="Scale down only after the load has fitted "
                                   "in fewer replicas for this long.")
     interval_s: float = Field(1.0, gt=0, description="Seconds between evaluations.")
+    target_decode_streams: float = Field(8.0, gt=0, description="Disaggregated mode: streams in flight "
+                                         "per decode replica the App aims for (decoding batches well, so "
+                                         "more than target_in_flight).")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscaleConfig":
@@ -212,7 +245,13 @@ class AppConfig(BaseSettings):
                                "demo Qwen2 model with RANDOM weights is built once and cached.")
     served_model_name: str | None = Field(None, description="The model name clients send. Defaults to "
                                           "the model directory's name.")
-    replicas: int = Field(1, ge=0, le=MAX_REPLICAS, description="Replicas started by App.start().")
+    mode: ServingMode = Field(ServingMode.MERGED, description="merged: every replica serves whole "
+                              "requests. disaggregated: Prefill replicas compute the prompt and store its KV "
+                              "in the data system, Decode replicas load it and generate (needs kv.enabled).")
+    replicas: int = Field(1, ge=0, le=MAX_REPLICAS, description="Merged mode: replicas started by "
+                          "App.start(). Disaggregated mode uses prefill.replicas and decode.replicas.")
+    prefill: PoolConfig = Field(default_factory=PoolConfig)
+    decode: PoolConfig = Field(default_factory=PoolConfig)
     demo_cache_dir: Path = Field(Path.home() / ".cache" / "yrllm", description="Where the demo model "
                                  "is built, and model content digests and the modules an engine start "
                                  "imports (per vLLM version) are cached.")
@@ -242,6 +281,30 @@ class AppConfig(BaseSettings):
             return self.kv.capacity_gb
         local = self.runtime.resolved_mode is RuntimeMode.LOCAL
         return self.runtime.ds_shared_memory_mb / 4 / 1000 if local else 1.0
+
+    @property
+    def pools(self) -> dict[Role, int]:
+        """The replicas each role starts with."""
+        if self.mode is ServingMode.MERGED:
+            return {Role.MERGED: self.replicas}
+        return {Role.PREFILL: self.prefill.replicas, Role.DECODE: self.decode.replicas}
+
+    def pool(self, role: Role) -> PoolConfig:
+        return self.decode if role is Role.DECODE else self.prefill
+
+    @model_validator(mode="after")
+    def _pools_match_the_mode(self) -> "AppConfig":
+        if self.mode is ServingMode.DISAGGREGATED:
+            if not self.kv.enabled:
+                raise ValueError("mode: disaggregated hands the KV over through the data system: it needs "
+                                 "kv.enabled")
+            if "replicas" in self.model_fields_set:
+                raise ValueError("'replicas' counts merged replicas; mode: disaggregated takes "
+                                 "prefill.replicas and decode.replicas")
+        elif "replicas" in self.prefill.model_fields_set or "decode" in self.model_fields_set:
+            raise ValueError("prefill.replicas and the decode section apply to mode: disaggregated; merged "
+                             "mode takes 'replicas' (and prefill.tensor_parallel)")
+        return self
 
     @model_validator(mode="after")
     def _kv_fits(self) -> "AppConfig":

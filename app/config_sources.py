@@ -23,8 +23,10 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 ENV_PREFIX = "YRLLM_"
 NESTED_DELIMITER = "__"
-#: The original case's variables (its deployment scripts set them) and the fields they fill.
+#: The original case's runtime variables (its deployment scripts set them) and the fields they fill.
 ORIGINAL_CASE_VARIABLES = {"YR_SERVER_ADDRESS": "server_address", "DS_WORKER_ADDR": "ds_address"}
+#: Its pool variables: instances and tensor parallel size of the prefill and decode pools.
+ORIGINAL_CASE_POOLS = ("PREFILL_INS_NUM", "DECODE_INS_NUM", "PTP", "DTP")
 
 
 class ConfigError(ValueError):
@@ -85,18 +87,36 @@ class Environment(EnvSettingsSource):
 
 
 class OriginalCaseVariables(PydanticBaseSettingsSource):
-    """``YR_SERVER_ADDRESS`` and ``DS_WORKER_ADDR``, kept so that the original case's instructions work
-    unchanged. The ``YRLLM_RUNTIME__*`` variables, more specific, win over them."""
+    """The original case's variables, kept so that its instructions work unchanged: ``YR_SERVER_ADDRESS``
+    and ``DS_WORKER_ADDR`` (the runtime), and ``PREFILL_INS_NUM``, ``DECODE_INS_NUM``, ``PTP``, ``DTP``
+    (the pools). As there, ``DECODE_INS_NUM`` of 0 (or unset) means PD-merged: ``PREFILL_INS_NUM``
+    replicas, ``PTP`` their tensor parallel size, ``DTP`` unused; more than 0 means disaggregated. The
+    ``YRLLM_*`` variables, more specific, win over them."""
 
     def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
         super().__init__(settings_cls)
-        self._runtime = {field: env[name] for name, field in ORIGINAL_CASE_VARIABLES.items() if env.get(name)}
+        runtime = {field: env[name] for name, field in ORIGINAL_CASE_VARIABLES.items() if env.get(name)}
+        self._values: dict[str, Any] = {"runtime": runtime} if runtime else {}
+        self._values.update(_pools(env))
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self._runtime if field_name == "runtime" else None, field_name, True
+        return self._values.get(field_name), field_name, True
 
     def __call__(self) -> dict[str, Any]:
-        return {"runtime": dict(self._runtime)} if self._runtime else {}
+        return dict(self._values)
+
+
+def _pools(env: Mapping[str, str]) -> dict[str, Any]:
+    prefill, decode, ptp, dtp = (env.get(name) or None for name in ORIGINAL_CASE_POOLS)
+    if decode is None or decode.strip() == "0":
+        values: dict[str, Any] = {"replicas": prefill} if prefill is not None else {}
+        if ptp is not None:
+            values["prefill"] = {"tensor_parallel": ptp}
+        return values
+    pools = {"prefill": {"replicas": prefill, "tensor_parallel": ptp},
+             "decode": {"replicas": decode, "tensor_parallel": dtp}}
+    return {"mode": "disaggregated",
+            **{role: {k: v for k, v in pool.items() if v is not None} for role, pool in pools.items()}}
 
 
 class YamlFile(InitSettingsSource):

@@ -34,5 +34,5 @@ def test_accepts_a_valid_request_unchanged():
 
 
 def test_unavailable_carries_retry_after():
-    error = no_replica_ready(7)
+    error = no_replica_ready(retry_after_s=7)
     assert error.status == 503 and error.headers() == {"Retry-After": "7"}

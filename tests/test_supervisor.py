@@ -10,18 +10,18 @@ import time
 from dataclasses import dataclass, field
 
 from app.config import RuntimeMode, SupervisionConfig
-from app.control.scale_report import ReplicaReport, ScaleReport
+from app.control.scale_report import PoolChange, ReplicaReport, ScaleReport
 from app.control.supervisor import Supervisor
 from app.events import EventKind
-from app.replica import ReplicaState
+from app.replica import ReplicaState, Role
 
 
 @dataclass
 class NoReplicas:
     """A Scaler with nothing to supervise or heal."""
 
-    desired: int = 0
-    count: int = 0
+    desired: dict = field(default_factory=lambda: {Role.MERGED: 0})
+    short: bool = False
     busy: bool = False
 
     def serving(self) -> dict:
@@ -75,15 +75,16 @@ def test_losing_and_regaining_a_cluster_data_system_is_reported_once_each():
 class FailingScaler(NoReplicas):
     """One replica is wanted and none serves; every scale-out fails to start it."""
 
-    desired: int = 1
+    desired: dict = field(default_factory=lambda: {Role.MERGED: 1})
+    short: bool = True
     attempts: list[float] = field(default_factory=list)
 
-    def scale_if_idle(self, replicas: int, on_turn) -> ScaleReport:
+    def scale_if_idle(self, targets: dict, on_turn) -> ScaleReport:
         self.attempts.append(time.monotonic())
         failed = ReplicaReport(replica_id=f"r{len(self.attempts)}", action="added", state=ReplicaState.FAILED,
                                error="EngineFailed: engine exited with code 1 while starting")
-        return ScaleReport(requested_replicas=replicas, replicas_before=0, replicas_after=0, seconds=0.0,
-                           replicas=[failed])
+        return ScaleReport(pools={role: PoolChange(requested=n, before=0, after=0) for role, n in targets.items()},
+                           seconds=0.0, replicas=[failed])
 
 
 def test_a_replacement_that_keeps_failing_is_retried_with_doubling_backoff():

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from app.config import AppConfig, AutoscaleConfig
+from app.config import AppConfig, AutoscaleConfig, ServingMode
 from app.control.autoscaler import Autoscaler
 from app.control.event_log import EventLog
 from app.control.kv_accounting import KVAccountant
@@ -25,6 +25,7 @@ from app.control.weight_client import WeightCacheClient
 from app.engine.pool import ENGINE_POOL
 from app.engine.spec import EngineSpec
 from app.kv.settings import ConnectorSettings
+from app.replica import Role
 from app.runtime.openyuanrong import Runtime
 from app.weights.identity import WeightIdentity, content_digest
 from app.weights.load_report import PlanKind
@@ -38,6 +39,8 @@ class App:
 
     >>> with App(AppConfig.load()) as app:   # starts everything, stops everything
     ...     print(app.scale(3))               # two more replicas, weights from memory
+
+    A disaggregated App (``mode: disaggregated``) scales its pools: ``app.scale(prefill=2, decode=3)``.
     """
 
     def __init__(self, config: AppConfig | None = None) -> None:
@@ -76,10 +79,10 @@ class App:
         self.model_dir = self.config.model or demo_model_dir(self.config.demo_cache_dir)
         self.served_model_name = self.config.served_model_name or self.model_dir.name
         # Standbys warm up (imports, ~10 s of CPU) while the data system worker starts.
-        ENGINE_POOL.prepare(self._engine_spec("standby"))
+        ENGINE_POOL.prepare(self._engine_spec("standby", Role.MERGED))
         self._runtime.start()
         self._router = Router.options(yr.InvokeOptions(concurrency=8)).invoke(
-            self.config.router, [self.served_model_name])
+            self.config.router, [self.served_model_name], self.config.mode)
         self.router_port = yr.get(self._router.start.invoke())
         self._identity = WeightIdentity(
             content=content_digest(self.model_dir, self.config.demo_cache_dir / "digests.json"),
@@ -88,10 +91,10 @@ class App:
             self._weights = self._start_weight_cache(self._identity)
         events = EventLog(self._router)
         self._scaler = Scaler(self._engine_spec, self._router, self._weights, self.config.router.drain_timeout_s,
-                              events)
+                              events, tuple(self.config.pools))
         self._scale_requests = ScaleRequestServer(self._router, self._scaler)
         self._scale_requests.start()
-        self.start_report = self.scale(self.config.replicas)
+        self.start_report = self._scaler.scale(self.config.pools)
         if not self.start_report.ok:
             raise RuntimeError(f"the App could not start its replicas:\n{self.start_report}")
         if self.config.kv.enabled and self._runtime.ds_address:
@@ -116,9 +119,9 @@ class App:
             weights.timeout_ms, self.config.engine.start_timeout_s)
         return WeightCacheClient(actor, identity, self._runtime.ds_address or "")
 
-    def _engine_spec(self, replica_id: str) -> EngineSpec:
+    def _engine_spec(self, replica_id: str, role: Role) -> EngineSpec:
         spec = EngineSpec.from_config(self.config, replica_id=replica_id, model=self.model_dir,
-                                      served_model_name=self.served_model_name, log_dir=self._log_dir)
+                                      served_model_name=self.served_model_name, log_dir=self._log_dir, role=role)
         kv = self.config.kv
         if kv.enabled and self._identity is not None and self._runtime.ds_address:
             spec = spec.model_copy(update={"kv_connector": ConnectorSettings(
@@ -174,12 +177,14 @@ class App:
 
     # ---- scaling ---------------------------------------------------------------------------------
 
-    def scale(self, replicas: int) -> ScaleReport:
-        """Set the number of replicas. Returns when the new replicas serve (or failed) and removed
+    def scale(self, replicas: int | None = None, *, prefill: int | None = None,
+              decode: int | None = None) -> ScaleReport:
+        """Set the number of replicas: ``scale(n)`` in merged mode, ``scale(prefill=n, decode=m)`` (either
+        or both) in disaggregated mode. Returns when the new replicas serve (or failed) and removed
         replicas have finished their in-flight requests and stopped."""
         if self._scaler is None:
             raise RuntimeError("the App is not started")
-        return self._scaler.scale(replicas)
+        return self._scaler.scale(_targets(self.config.mode, replicas, prefill, decode))
 
     def autoscale(self, config: AutoscaleConfig | None) -> None:
         """Follow the traffic with ``config`` (``enabled`` is implied), or stop following it (None).
@@ -192,6 +197,16 @@ class App:
                 raise RuntimeError("the App is not started")
             self._autoscaler = Autoscaler(config, self._router, self._scaler)
             self._autoscaler.start()
+
+
+def _targets(mode: ServingMode, replicas: int | None, prefill: int | None, decode: int | None) -> dict[Role, int]:
+    if mode is ServingMode.MERGED:
+        if prefill is not None or decode is not None or replicas is None:
+            raise ValueError("a merged App scales with scale(n); prefill= and decode= are for mode: disaggregated")
+        return {Role.MERGED: replicas}
+    if replicas is not None or (prefill is None and decode is None):
+        raise ValueError("a disaggregated App scales with scale(prefill=n, decode=m), either or both")
+    return {role: n for role, n in ((Role.PREFILL, prefill), (Role.DECODE, decode)) if n is not None}
 
 
 def _finish_actor(actor: Any, last_call: str) -> None:

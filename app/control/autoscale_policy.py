@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from app.config import AutoscaleConfig
+from app.replica import Role
 
 
 class Signals(BaseModel):
@@ -31,16 +32,19 @@ class Decision:
     target: int
     reason: str
     signals: Signals
+    role: Role = Role.MERGED  # the pool it scales
 
     def as_dict(self) -> dict[str, object]:
-        return {"target": self.target, "reason": self.reason, "signals": self.signals.model_dump()}
+        return {"role": self.role.value, "target": self.target, "reason": self.reason,
+                "signals": self.signals.model_dump()}
 
 
 class AutoscalePolicy:
     """Stateful only in the quiet-period clock; ``evaluate`` is called once per interval."""
 
-    def __init__(self, config: AutoscaleConfig) -> None:
+    def __init__(self, config: AutoscaleConfig, role: Role = Role.MERGED) -> None:
         self.config = config
+        self.role = role
         self._calm_since: float | None = None  # since when fewer replicas would have sufficed
 
     def evaluate(self, signals: Signals, now: float) -> Decision | None:
@@ -51,10 +55,10 @@ class AutoscalePolicy:
                 and signals.ttft_p50_s > config.ttft_target_s and signals.in_flight > 0)
         if current < config.min_replicas:
             self._calm_since = None
-            return Decision(config.min_replicas, f"below min_replicas ({config.min_replicas})", signals)
+            return Decision(config.min_replicas, f"below min_replicas ({config.min_replicas})", signals, self.role)
         if current > config.max_replicas:
             self._calm_since = None
-            return Decision(config.max_replicas, f"above max_replicas ({config.max_replicas})", signals)
+            return Decision(config.max_replicas, f"above max_replicas ({config.max_replicas})", signals, self.role)
         if needed > current or (slow and signals.starting == 0):
             self._calm_since = None
             target = min(config.max_replicas, max(needed, current + 1))
@@ -63,7 +67,7 @@ class AutoscalePolicy:
             why = (f"{signals.in_flight} in flight > {config.target_in_flight:g} per replica x {current}"
                    if needed > current else
                    f"median TTFT {signals.ttft_p50_s:.2f} s > {config.ttft_target_s:g} s")
-            return Decision(target, f"scale up: {why}", signals)
+            return Decision(target, f"scale up: {why}", signals, self.role)
         if signals.starting or max(needed, config.min_replicas) >= current:
             self._calm_since = None  # load needs every replica (or one is still coming up)
             return None
@@ -73,4 +77,4 @@ class AutoscalePolicy:
             return None
         self._calm_since = None  # the next step down waits a full quiet period again
         return Decision(current - 1, f"scale down: {signals.in_flight} in flight fit in {current - 1} "
-                        f"replicas for {config.quiet_period_s:g} s", signals)
+                        f"replicas for {config.quiet_period_s:g} s", signals, self.role)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from app.engine.launch_report import LaunchReport
-from app.replica import ReplicaState
+from app.replica import ReplicaState, Role
 from app.weights.load_report import LoadReport
 
 #: Timeline marks in the order a replica passes them.
@@ -18,6 +18,7 @@ MILESTONES = ("requested", "actor_up", "standby_taken", "core_forked", "weights_
 
 class ReplicaReport(BaseModel):
     replica_id: str
+    role: Role = Role.MERGED
     action: Literal["added", "removed"]
     state: ReplicaState
     timeline: dict[str, float] = Field(default_factory=dict, description="Wall-clock time of each "
@@ -33,29 +34,50 @@ class ReplicaReport(BaseModel):
         return {mark: round(self.timeline[mark] - start, 3) for mark in MILESTONES if mark in self.timeline}
 
 
+class PoolChange(BaseModel):
+    """One role's replicas in a scaling: asked for, before, ready after."""
+
+    requested: int
+    before: int
+    after: int
+
+
 class ScaleReport(BaseModel):
-    requested_replicas: int
-    replicas_before: int
-    replicas_after: int
+    pools: dict[Role, PoolChange]
     seconds: float
     replicas: list[ReplicaReport] = Field(default_factory=list)
+
+    @property
+    def requested_replicas(self) -> int:
+        return sum(pool.requested for pool in self.pools.values())
+
+    @property
+    def replicas_before(self) -> int:
+        return sum(pool.before for pool in self.pools.values())
+
+    @property
+    def replicas_after(self) -> int:
+        return sum(pool.after for pool in self.pools.values())
 
     @property
     def ok(self) -> bool:
         return all(r.error is None for r in self.replicas)
 
     def to_dict(self) -> dict[str, Any]:
-        data = self.model_dump(mode="json")
+        data = {"requested_replicas": self.requested_replicas, "replicas_before": self.replicas_before,
+                "replicas_after": self.replicas_after, **self.model_dump(mode="json")}
         for replica, source in zip(data["replicas"], self.replicas):
             replica["seconds_since_requested"] = source.seconds_since_requested()
         return data
 
     def __str__(self) -> str:
-        lines = [f"scale to {self.requested_replicas}: {self.replicas_before} -> {self.replicas_after} "
-                 f"replicas in {self.seconds:.2f} s" + ("" if self.ok else "  (with errors)")]
+        pools = ", ".join(("" if role is Role.MERGED else f"{role.value} ") +
+                          f"{pool.before} -> {pool.after} of {pool.requested}" for role, pool in self.pools.items())
+        lines = [f"scale: {pools} replicas in {self.seconds:.2f} s" + ("" if self.ok else "  (with errors)")]
         for replica in self.replicas:
             marks = "  ".join(f"{mark} +{s:.2f}s" for mark, s in replica.seconds_since_requested().items())
-            lines.append(f"  {replica.replica_id:<6} {replica.action:<8} {replica.state.value:<8} {marks}")
+            lines.append(f"  {replica.replica_id:<6} {replica.role.value:<8} {replica.action:<8} "
+                         f"{replica.state.value:<8} {marks}")
             if replica.launch is not None:
                 lines.append(f"         engine: {replica.launch.launcher.value} launcher"
                              + (f" ({replica.launch.reason})" if replica.launch.reason else ""))

@@ -48,14 +48,22 @@ class ScaleRequestServer:
             yr.get(self._router.finish_scale_request.invoke(request.request_id, status, body))
 
     def answer(self, verb: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """HTTP status and body for one request; a bad request changes nothing."""
-        current = self._scaler.count
+        """HTTP status and body for one request; a bad request changes nothing. ``role`` names the pool
+        (``prefill`` or ``decode``; a merged App has one pool and needs none), ``replicas`` its new size
+        (one more, or one fewer, if absent)."""
+        roles = self._scaler.roles
+        role_name = body.get("role", roles[0].value if len(roles) == 1 else None)
+        role = next((r for r in roles if r.value == role_name), None)
+        if role is None:
+            names = " or ".join(repr(r.value) for r in roles)
+            return 400, bad_request(f"'role' must be {names}.", "role", "invalid_role").body()
+        current = self._scaler.counts()[role]
         target = body.get("replicas", current + 1 if verb == "scaleout" else current - 1)
         if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target <= MAX_REPLICAS:
             return 400, bad_request(f"'replicas' must be an integer between 0 and {MAX_REPLICAS}.", "replicas",
                                     "invalid_replicas").body()
         if (verb == "scaleout" and target < current) or (verb == "scalein" and target > current):
-            return 400, bad_request(f"{verb} to {target} replicas, but {current} are running.", "replicas",
-                                    "invalid_replicas").body()
-        report = self._scaler.scale(target)
+            return 400, bad_request(f"{verb} to {target} {role.value} replicas, but {current} are running.",
+                                    "replicas", "invalid_replicas").body()
+        report = self._scaler.scale({role: target})
         return (200 if report.ok else 500), report.to_dict()

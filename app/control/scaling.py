@@ -1,10 +1,12 @@
 """The replica set and the scalings that change it, one at a time.
 
-Scale-out: per new replica, a weight plan from the WeightCache, a ``Prefill`` actor started with it,
-a first token, then the Router routes to it. New replicas start in parallel. Scale-in: the replica
-leaves the Router's pool, its in-flight requests finish (drain), then it stops. Every scaling
-answers with a ``ScaleReport``. The Scaler remembers the count last asked for (``desired``): the
-``Supervisor`` takes failed replicas out (``fail``) and scales back to it.
+Replicas come in pools, one per role: ``merged`` in merged mode, ``prefill`` and ``decode`` in
+disaggregated mode. A scaling sets the size of one or more pools (``targets``); the others keep theirs.
+Scale-out: per new replica, a weight plan from the WeightCache, a ``Prefill`` or ``Decode`` actor
+started with it, a first token, then the Router routes to it. New replicas start in parallel, whatever
+their role. Scale-in: the replica leaves the Router's pool, its in-flight requests finish (drain), then
+it stops. Every scaling answers with a ``ScaleReport``. The Scaler remembers the sizes last asked for
+(``desired``): the ``Supervisor`` takes failed replicas out (``fail``) and scales back to them.
 """
 
 from __future__ import annotations
@@ -15,15 +17,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from app.config import MAX_REPLICAS
 from app.control.event_log import EventLog
-from app.control.scale_report import ReplicaReport, ScaleReport
+from app.control.scale_report import PoolChange, ReplicaReport, ScaleReport
 from app.control.weight_client import WeightCacheClient
 from app.engine.spec import EngineSpec
 from app.events import EventKind
-from app.replica import ReplicaInfo, ReplicaState
+from app.replica import ReplicaInfo, ReplicaState, Role
 from app.weights.load_report import LoadReport
 from app.weights.plan import LOAD_FORMAT
 
@@ -32,12 +34,14 @@ logger = logging.getLogger(__name__)
 # Replicas leave in this order on scale-in: those that cannot serve first, then the newest.
 _SCALE_IN_ORDER = {ReplicaState.FAILED: 0, ReplicaState.PENDING: 1, ReplicaState.LOADING: 2,
                    ReplicaState.DRAINING: 3, ReplicaState.READY: 4}
+# Replica ids say their role: r1 serves whole requests, p2 prefills, d3 decodes.
+_ID_PREFIX = {Role.MERGED: "r", Role.PREFILL: "p", Role.DECODE: "d"}
 
 
 @dataclass
 class _Replica:
     replica_id: str
-    actor: Any  # the Prefill actor's handle
+    actor: Any  # the Prefill or Decode actor's handle
     info: ReplicaInfo
     seq: int
     serving: bool = False  # published to the Router as ready: from now on, supervised
@@ -46,19 +50,26 @@ class _Replica:
 class Scaler:
     """Owns the replicas. ``scale`` waits for its turn; ``scale_if_idle`` does not (the autoscaler)."""
 
-    def __init__(self, new_spec: Callable[[str], EngineSpec], router: Any, weights: WeightCacheClient | None,
-                 drain_timeout_s: float, events: EventLog) -> None:
-        self._new_spec = new_spec  # replica id -> its EngineSpec
+    def __init__(self, new_spec: Callable[[str, Role], EngineSpec], router: Any, weights: WeightCacheClient | None,
+                 drain_timeout_s: float, events: EventLog, roles: tuple[Role, ...] = (Role.MERGED,)) -> None:
+        self._new_spec = new_spec  # (replica id, role) -> its EngineSpec
         self._router = router
         self._weights = weights  # None: weights.enabled is off, vLLM's own loader
         self._drain_timeout_s = drain_timeout_s
         self._events = events
-        self.desired = 0  # the replica count last asked for
+        self.roles = roles  # the pools of this App's mode
+        self.desired: dict[Role, int] = dict.fromkeys(roles, 0)  # the sizes last asked for
         self._replicas: dict[str, _Replica] = {}
         self._stopping: list[threading.Thread] = []  # failed replicas being stopped
         self._seq = itertools.count(1)
         self._lock = threading.Lock()  # guards _replicas
         self._turn = threading.Lock()  # one scaling at a time
+
+    def counts(self) -> dict[Role, int]:
+        """Replicas per role, whatever their state."""
+        with self._lock:
+            roles = [r.info.role for r in self._replicas.values()]
+        return {role: roles.count(role) for role in self.roles}
 
     @property
     def count(self) -> int:
@@ -69,24 +80,38 @@ class Scaler:
     def busy(self) -> bool:
         return self._turn.locked()
 
-    def scale(self, replicas: int) -> ScaleReport:
-        """Set the number of replicas. Returns when the new replicas serve (or failed) and removed
-        replicas have finished their in-flight requests and stopped."""
-        _check_count(replicas)
-        with self._turn:
-            return self._scale(replicas)
+    @property
+    def short(self) -> bool:
+        """Some pool has fewer replicas than were asked for (one failed)."""
+        counts = self.counts()
+        return any(counts[role] < wanted for role, wanted in self.desired.items())
 
-    def scale_if_idle(self, replicas: int, on_turn: Callable[[], None]) -> ScaleReport | None:
+    def scale(self, targets: Mapping[Role, int]) -> ScaleReport:
+        """Set the size of the pools in ``targets``. Returns when the new replicas serve (or failed) and
+        removed replicas have finished their in-flight requests and stopped."""
+        self._check(targets)
+        with self._turn:
+            return self._scale(targets)
+
+    def scale_if_idle(self, targets: Mapping[Role, int], on_turn: Callable[[], None]) -> ScaleReport | None:
         """As ``scale``, unless a scaling is under way: then None at once. ``on_turn`` runs once the
         turn is taken, before anything changes."""
-        _check_count(replicas)
+        self._check(targets)
         if not self._turn.acquire(blocking=False):
             return None
         try:
             on_turn()
-            return self._scale(replicas)
+            return self._scale(targets)
         finally:
             self._turn.release()
+
+    def _check(self, targets: Mapping[Role, int]) -> None:
+        for role, replicas in targets.items():
+            if role not in self.roles:
+                raise ValueError(f"this App has no {role.value} pool; its pools: {[r.value for r in self.roles]}")
+            if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= MAX_REPLICAS:
+                raise ValueError(f"{role.value} replicas must be an integer between 0 and {MAX_REPLICAS}, "
+                                 f"got {replicas!r}")
 
     def serving(self) -> dict[str, Any]:
         """The replicas the Router routes to: replica id -> its actor (for the Supervisor)."""
@@ -120,39 +145,45 @@ class Scaler:
         for stopping in self._stopping:
             stopping.join(timeout=120)
 
-    def _scale(self, replicas: int) -> ScaleReport:
-        self.desired = replicas
+    def _scale(self, targets: Mapping[Role, int]) -> ScaleReport:
+        self.desired.update(targets)
         started = time.time()
-        before = self.count
-        if replicas > before:
-            with ThreadPoolExecutor(max_workers=replicas - before, thread_name_prefix="scale-out") as pool:
-                reports = list(pool.map(lambda _: self._add(), range(replicas - before)))
-        else:
-            reports = self._remove(before - replicas)
+        before = self.counts()
+        adds = [role for role, wanted in self.desired.items() for _ in range(wanted - before[role])]
+        reports = []
+        if adds:
+            with ThreadPoolExecutor(max_workers=len(adds), thread_name_prefix="scale-out") as pool:
+                reports = list(pool.map(self._add, adds))
+        for role, wanted in self.desired.items():
+            reports += self._remove(role, before[role] - wanted)
         with self._lock:
-            after = sum(1 for r in self._replicas.values() if r.info.state is ReplicaState.READY)
-        report = ScaleReport(requested_replicas=replicas, replicas_before=before, replicas_after=after,
+            ready = [r.info.role for r in self._replicas.values() if r.info.state is ReplicaState.READY]
+        report = ScaleReport(pools={role: PoolChange(requested=wanted, before=before[role], after=ready.count(role))
+                                    for role, wanted in self.desired.items()},
                              seconds=round(time.time() - started, 3), replicas=reports)
         logger.info("%s", report)
         return report
 
     # ---- scale-out -----------------------------------------------------------------------------------
 
-    def _add(self) -> ReplicaReport:
+    def _add(self, role: Role) -> ReplicaReport:
         import yr
 
+        from actors.decode import Decode
         from actors.prefill import Prefill
 
         requested = time.time()
         seq = next(self._seq)
-        replica_id = f"r{seq}"
-        spec = self._new_spec(replica_id)
+        replica_id = f"{_ID_PREFIX[role]}{seq}"
+        spec = self._new_spec(replica_id, role)
         if self._weights is not None:
             plan = self._weights.plan(replica_id, spec.load_report_path)
             spec = spec.model_copy(update={"load_format": LOAD_FORMAT,
                                            "loader_extra_config": plan.model_dump(mode="json")})
-        actor = Prefill.options(yr.InvokeOptions(concurrency=4)).invoke(spec)
-        replica = _Replica(replica_id, actor, ReplicaInfo(replica_id=replica_id, state=ReplicaState.LOADING), seq)
+        actor_class = Decode if role is Role.DECODE else Prefill
+        actor = actor_class.options(yr.InvokeOptions(concurrency=4)).invoke(spec)
+        replica = _Replica(replica_id, actor, ReplicaInfo(replica_id=replica_id, role=role, state=ReplicaState.LOADING),
+                           seq)
         with self._lock:
             self._replicas[replica_id] = replica
         self._publish()  # visible as loading in /status; routed to once ready
@@ -182,7 +213,7 @@ class Scaler:
             with self._lock:
                 self._replicas.pop(replica_id, None)
         state = ReplicaState.FAILED if error is not None else replica.info.state
-        return ReplicaReport(replica_id=replica_id, action="added", state=state, timeline=timeline,
+        return ReplicaReport(replica_id=replica_id, role=role, action="added", state=state, timeline=timeline,
                              launch=launch, weights=weights, error=error)
 
     def _settle_weights(self, actor: Any, replica_id: str, failed: bool) -> LoadReport | None:
@@ -201,11 +232,13 @@ class Scaler:
 
     # ---- scale-in ------------------------------------------------------------------------------------
 
-    def _remove(self, count: int) -> list[ReplicaReport]:
+    def _remove(self, role: Role, count: int) -> list[ReplicaReport]:
         import yr
 
+        if count <= 0:
+            return []
         with self._lock:
-            victims = sorted(self._replicas.values(),
+            victims = sorted((r for r in self._replicas.values() if r.info.role is role),
                              key=lambda r: (_SCALE_IN_ORDER[r.info.state], -r.seq))[:count]
             for replica in victims:  # under the lock: the Supervisor fails only READY replicas
                 replica.info = replica.info.model_copy(update={"state": ReplicaState.DRAINING})
@@ -219,7 +252,7 @@ class Scaler:
                 self._replicas.pop(replica.replica_id, None)
             self._publish()
             reports.append(ReplicaReport(
-                replica_id=replica.replica_id, action="removed", state=ReplicaState.STOPPED,
+                replica_id=replica.replica_id, role=role, action="removed", state=ReplicaState.STOPPED,
                 timeline={"requested": requested, "drained": drained_at, "stopped": time.time()},
                 error=None if drained else f"in-flight requests did not finish within "
                                            f"{self._drain_timeout_s:.0f} s"))
@@ -246,11 +279,6 @@ class Scaler:
         with self._lock:
             infos = [r.info for r in self._replicas.values()]
         yr.get(self._router.update_replicas.invoke(infos))
-
-
-def _check_count(replicas: int) -> None:
-    if not 0 <= replicas <= MAX_REPLICAS:
-        raise ValueError(f"replicas must be between 0 and {MAX_REPLICAS}, got {replicas}")
 
 
 def _ask(method: Any, default: Any) -> Any:

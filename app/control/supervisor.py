@@ -138,13 +138,13 @@ class Supervisor:
             return
         if self._ds_restart is not None and self._ds_restart.is_alive():
             return  # a replacement now would seed into a worker that is not there yet
-        if self._scaler.busy or self._scaler.count >= self._scaler.desired or time.monotonic() < self._next_heal_at:
+        if self._scaler.busy or not self._scaler.short or time.monotonic() < self._next_heal_at:
             return
         self._healing = threading.Thread(target=self._replace, name="app-healing", daemon=True)
         self._healing.start()
 
     def _replace(self) -> None:
-        desired = self._scaler.desired
+        desired = dict(self._scaler.desired)
         try:
             report = self._scaler.scale_if_idle(desired, lambda: None)
         except Exception as exc:  # noqa: BLE001 - retried with backoff
@@ -161,7 +161,8 @@ class Supervisor:
                     seconds = added.seconds_since_requested().get("first_token", report.seconds)
                     self._events.record(EventKind.REPLICA_REPLACED, added.replica_id,
                                         f"serving {seconds:.2f} s after it was requested, "
-                                        f"{report.replicas_after}/{desired} replicas ready; weights: {weights}")
+                                        f"{report.replicas_after}/{sum(desired.values())} replicas ready; "
+                                        f"weights: {weights}")
         if error is None:
             self._backoff_s = 0.0
             return

@@ -22,7 +22,7 @@ from app.engine.launch_report import LaunchReport
 from app.engine.pool import ENGINE_POOL
 from app.engine.spec import EngineSpec
 from app.kv.journal import SIDES, JournalReader
-from app.replica import ReplicaInfo, ReplicaState, Role
+from app.replica import ReplicaInfo, ReplicaState
 from app.runtime.processes import ChildProcess, free_port, is_live_child
 from app.weights.load_report import LoadReport
 
@@ -37,9 +37,8 @@ class EngineHost:
     """Starts, watches and stops one engine process. ``__init__`` does no I/O; ``start`` blocks until
     the engine answers ``/health`` (or fails with the reason)."""
 
-    def __init__(self, spec: EngineSpec, role: Role = Role.MERGED) -> None:
+    def __init__(self, spec: EngineSpec) -> None:
         self._spec = spec
-        self._role = role
         self._state = ReplicaState.PENDING
         self._process: ChildProcess | None = None
         self._failure: str | None = None
@@ -63,7 +62,7 @@ class EngineHost:
             if failure is not None:
                 self._state, self._failure = ReplicaState.FAILED, failure
         launch = self._launch or (self.launch_report() if self._process is not None else None)
-        return ReplicaInfo(replica_id=self._spec.replica_id, role=self._role, state=self._state,
+        return ReplicaInfo(replica_id=self._spec.replica_id, role=self._spec.role, state=self._state,
                            url=self._spec.url if self._state is ReplicaState.READY else None,
                            pid=self._process.pid if self._process else None,
                            log=str(self._process.log_file) if self._process else None,

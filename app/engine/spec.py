@@ -12,6 +12,7 @@ from app.config import AppConfig, RuntimeMode
 from app.engine.launch_report import Launcher
 from app.engine.preimports import CACHE_DIR_ENV
 from app.kv.settings import ConnectorSettings
+from app.replica import Role
 
 
 class EngineSpec(BaseModel):
@@ -21,6 +22,7 @@ class EngineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     replica_id: str
+    role: Role = Role.MERGED
     model: Path
     served_model_name: str
     host: str
@@ -42,9 +44,9 @@ class EngineSpec(BaseModel):
 
     @classmethod
     def from_config(cls, config: AppConfig, *, replica_id: str, model: Path, served_model_name: str,
-                    log_dir: Path, port: int = 0) -> "EngineSpec":
+                    log_dir: Path, port: int = 0, role: Role = Role.MERGED) -> "EngineSpec":
         engine = config.engine
-        return cls(replica_id=replica_id, model=model, served_model_name=served_model_name,
+        return cls(replica_id=replica_id, role=role, model=model, served_model_name=served_model_name,
                    host=engine.host, port=port, dtype=engine.dtype, max_model_len=engine.max_model_len,
                    kv_cache_gib=engine.kv_cache_gib, threads=engine.threads,
                    enforce_eager=engine.enforce_eager, extra_args=list(engine.extra_args),

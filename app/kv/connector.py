@@ -3,7 +3,11 @@
 Loaded by vLLM from ``--kv-transfer-config`` (``kv_connector_module_path``; vLLM unpatched), in
 EngineCore, once per role. The scheduler role looks prompts up and plans each step's loads and stores
 (``scheduling``); the worker role copies blocks (``transfer``) before the forward (loads, synchronous)
-and after it (stores). A block that is missing, corrupt or of another layout is reported through
+and after it (stores). Prefill/decode disaggregation is the same machinery driven by the request's
+``kv_transfer_params``: a prefill leg (``do_remote_decode``) stores the whole prompt and answers the
+parameters of its decode leg (``do_remote_prefill``), which loads it (``scheduling.Handoff``).
+
+A block that is missing, corrupt or of another layout is reported through
 ``get_block_ids_with_load_errors`` and vLLM recomputes it (``kv_load_failure_policy=recompute``); a
 corrupt object is deleted so that the next request does not trip on it. A data system that is gone
 means recompute, not an error. Where this connector cannot work (a KV layout that is not whole
@@ -28,7 +32,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from app.kv.block_format import CorruptBlock
 from app.kv.journal import SIDES, JournalWriter, KVOp
 from app.kv.keys import KVNamespace, layout_tag
-from app.kv.scheduling import BlockScheduler, BlockTransfer, StepRequest
+from app.kv.scheduling import BlockScheduler, BlockTransfer, Handoff, StepRequest
 from app.kv.settings import ConnectorSettings
 from app.kv.store import BlockStore, StoreUnavailable, logger
 from app.kv.transfer import BlockCopier, UnsupportedLayout
@@ -76,7 +80,8 @@ class DataSystemKVConnector(KVConnectorBase_V1):
         # for every image) and without a LoRA adapter: other requests are not shared.
         shareable = not request.mm_features and request.lora_request is None
         prompt = request.prompt_token_ids if shareable else None
-        return self._scheduler.lookup(request.request_id, prompt, num_computed_tokens, request.cache_salt), False
+        return self._scheduler.lookup(request.request_id, prompt, num_computed_tokens, request.cache_salt,
+                                      Handoff.of(request.kv_transfer_params)), False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         if self._scheduler is not None:
@@ -101,9 +106,8 @@ class DataSystemKVConnector(KVConnectorBase_V1):
             self._scheduler.invalidated(connector_output.invalid_block_ids)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        if self._scheduler is not None:
-            self._scheduler.finished(request.request_id)
-        return False, None  # stores are synchronous: the blocks can be freed at once
+        # Stores are synchronous: the blocks can be freed at once, a decode leg reads the data system.
+        return False, self._scheduler.finished(request.request_id) if self._scheduler is not None else None
 
     # ---- worker side -----------------------------------------------------------------------------
 

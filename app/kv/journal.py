@@ -35,6 +35,16 @@ class KVOp(str, Enum):
     NOT_STORED = "not_stored"  # blocks that could not be written (data system full or gone)
     LOADED = "loaded"  # blocks read into the cache: keys, bytes, seconds
     LOAD_FAILED = "load_failed"  # blocks that were found but could not be used: recomputed
+    HANDOFF = "handoff"  # a decode request looked for the KV its prefill stored: ``HandoffResult``
+
+
+class HandoffResult(str, Enum):
+    """What a decode replica found of the prompt's KV that a prefill replica handed over."""
+
+    COMPLETE = "complete"  # all of it (in the data system, or in the engine's own prefix cache)
+    PARTIAL = "partial"  # a prefix of it: the rest is recomputed
+    MISSED = "missed"  # none of it: the whole prompt is recomputed
+    LOAD_FAILED = "load_failed"  # found, but a block failed to load (corrupt, evicted meanwhile): recomputed
 
 
 def journal_file(base: Path, side: str, index: int = 0) -> Path:

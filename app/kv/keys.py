@@ -49,9 +49,12 @@ def layout_tag(layers: Sequence[str], num_kv_heads: int, head_size: int, shape: 
     return f"L{len(layers)}_{names}_H{num_kv_heads}_D{head_size}_S{'x'.join(map(str, shape))}"
 
 
-def block_keys(namespace: KVNamespace, token_ids: Sequence[int], blocks: int, salt: str | None = None) -> list[str]:
-    """Keys of the first ``blocks`` full blocks of ``token_ids``. A request's ``cache_salt`` (vLLM's
-    per-tenant prefix cache isolation) starts its chain, so only requests with the same salt share."""
+def block_keys(namespace: KVNamespace, token_ids: Sequence[int], blocks: int, salt: str | None = None,
+               tail: bool = False) -> list[str]:
+    """Keys of the first ``blocks`` full blocks of ``token_ids``, and with ``tail`` one more for the
+    tokens after them, if any (a partial block: prefill/decode hands the whole prompt over). A
+    request's ``cache_salt`` (vLLM's per-tenant prefix cache isolation) starts its chain, so only
+    requests with the same salt share."""
     size = namespace.block_size
     if blocks * size > len(token_ids):
         raise ValueError(f"{len(token_ids)} tokens hold fewer than {blocks} blocks of {size}")
@@ -60,5 +63,12 @@ def block_keys(namespace: KVNamespace, token_ids: Sequence[int], blocks: int, sa
     for index in range(blocks):
         tokens = array("q", token_ids[index * size:(index + 1) * size]).tobytes()
         digest = hashlib.sha256(digest + tokens).digest()
+        keys.append(f"{namespace.prefix}_{digest.hex()[:_DIGEST_HEX]}")
+    rest = token_ids[blocks * size:]
+    if tail and len(rest) >= size:
+        raise ValueError(f"the tail after {blocks} blocks holds {len(rest)} tokens, a block or more")
+    if tail and rest:
+        # Marked, so that a partial block's key can never be that of a full one.
+        digest = hashlib.sha256(digest + b"tail" + array("q", rest).tobytes()).digest()
         keys.append(f"{namespace.prefix}_{digest.hex()[:_DIGEST_HEX]}")
     return keys

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Iterable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from app.kv.journal import KVOp
+from app.kv.journal import HandoffResult, KVOp
 
 
 class KVStats(BaseModel):
@@ -37,6 +37,9 @@ class KVStats(BaseModel):
     resident_blocks: int = 0
     resident_bytes: int = 0
     capacity_bytes: int = 0
+    # Decode requests by what they found of the prompt's KV their prefill handed over (HandoffResult;
+    # load_failed counts requests among the others whose load then failed).
+    handoffs: dict[str, int] = Field(default_factory=lambda: {result.value: 0 for result in HandoffResult})
 
     @property
     def misses(self) -> int:
@@ -73,6 +76,8 @@ class KVLedger:
             elif op is KVOp.LOAD_FAILED:
                 stats.blocks_load_failed += len(keys)
                 self._drop(keys)  # deleted by the connector, or gone already
+            elif op is KVOp.HANDOFF:
+                stats.handoffs[HandoffResult(line["result"]).value] += 1
         self._count()
 
     def evictions(self) -> list[str]:

@@ -39,13 +39,19 @@ class RouterMetrics:
         self.supervision_events = Counter(f"{PREFIX}_supervision_events", "What the App's supervision "
                                           "noticed and did, by kind (see /status 'events').", ["kind"],
                                           registry=self.registry)
-        self.replicas = Gauge(f"{PREFIX}_replicas", "Replicas known to the Router, by state.", ["state"],
-                              registry=self.registry)
+        self.replicas = Gauge(f"{PREFIX}_replicas", "Replicas known to the Router, by role and state.",
+                              ["role", "state"], registry=self.registry)
+        self.prefill_legs = Counter(f"{PREFIX}_prefill_legs", "Disaggregated requests' prefill legs, by "
+                                    "outcome: handed_over (KV parameters for the decode leg), no_handoff (the "
+                                    "prefill engine returned none: the decode leg computes the prompt), "
+                                    "failed (answered to the client as the error; no decode leg).",
+                                    ["outcome"], registry=self.registry)
 
         self.autoscale_target = Gauge(f"{PREFIX}_autoscale_target_replicas",
-                                      "Replica count the autoscaler last decided on.", registry=self.registry)
+                                      "Replica count the autoscaler last decided on, per role.", ["role"],
+                                      registry=self.registry)
         self.autoscale_decisions = Counter(f"{PREFIX}_autoscale_decisions", "Autoscaling decisions, by "
-                                           "direction.", ["direction"], registry=self.registry)
+                                           "role and direction.", ["role", "direction"], registry=self.registry)
 
         self.kv = KVMetrics()
         self.registry.register(self.kv)
@@ -88,3 +94,10 @@ class KVMetrics:
                                 "App accounts them.", value=stats.resident_bytes)
         yield GaugeMetricFamily(f"{KV_PREFIX}_capacity_bytes", "kv.capacity_gb, in bytes.",
                                 value=stats.capacity_bytes)
+        handoffs = CounterMetricFamily(f"{KV_PREFIX}_handoffs", "Decode legs by what they found of the KV "
+                                       "their prefill leg stored: complete, partial or missed (the rest is "
+                                       "recomputed); load_failed counts those whose load then failed "
+                                       "(recomputed).", labels=["result"])
+        for result, count in stats.handoffs.items():
+            handoffs.add_metric([result], count)
+        yield handoffs

@@ -62,8 +62,10 @@ def model_not_found(name: str) -> ApiError:
                     "model_not_found")
 
 
-def no_replica_ready(retry_after_s: int = 5) -> ApiError:
-    return ApiError(503, "No replica is ready to serve this model; retry shortly.", ErrorType.UNAVAILABLE,
+def no_replica_ready(role: str | None = None, retry_after_s: int = 5) -> ApiError:
+    """``role``: the pool that has none ready, in a disaggregated App."""
+    which = f"No {role} replica" if role else "No replica"
+    return ApiError(503, f"{which} is ready to serve this model; retry shortly.", ErrorType.UNAVAILABLE,
                     None, "no_replica_ready", retry_after_s)
 
 

@@ -68,14 +68,27 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
 
+    async def call(self, route: Route, body: bytes, replica: ReplicaInfo, request_id: str) -> tuple[int, bytes]:
+        """Send ``body`` to ``replica`` and return its status and whole answer, for the Router itself
+        (a prefill leg). Fails as ``forward`` does before an answer started."""
+        assert self._session is not None, "Upstream.open() first"
+        try:
+            async with self._session.post(f"{replica.url}{route.value}", data=body, headers={
+                    "Content-Type": "application/json", REQUEST_ID: request_id}) as upstream:
+                return upstream.status, await upstream.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            logger.warning("replica %s failed request %s: %r", replica.replica_id, request_id, exc)
+            raise _before_answer(exc) from None
+
     async def forward(self, request: web.Request, route: Route, body: bytes, replica: ReplicaInfo,
-                      request_id: str) -> web.StreamResponse:
+                      request_id: str, started: float | None = None) -> web.StreamResponse:
         """Send ``body`` to ``replica`` and stream its answer back. A replica that fails before the
         answer started raises ``NothingSent`` (a connection failure: retry elsewhere) or a 502
         ``ApiError`` (a timeout); one that fails mid-stream ends the stream with an OpenAI error
-        event, the status line being already sent."""
+        event, the status line being already sent. The time to first byte counts from ``started``
+        (``time.perf_counter()``; now if None)."""
         assert self._session is not None, "Upstream.open() first"
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
         response: web.StreamResponse | None = None
         try:
             async with self._session.post(
@@ -105,10 +118,7 @@ class Upstream:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             logger.warning("replica %s failed request %s: %r", replica.replica_id, request_id, exc)
             if response is None or not response.prepared:
-                if isinstance(exc, asyncio.TimeoutError):  # aiohttp's ServerTimeoutError is one too
-                    raise upstream_failed(repr(exc)) from None
-                reason = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "disconnect"
-                raise NothingSent(reason, upstream_failed(repr(exc))) from None
+                raise _before_answer(exc) from None
             # Headers are gone; the only honest signal left for a stream is an error event.
             self._metrics.broken_streams.labels(route.value).inc()
             await _to_client(response, response.write(
@@ -120,6 +130,15 @@ class Upstream:
         ttft = time.perf_counter() - started
         self._metrics.first_byte.labels(route.value).observe(ttft)
         self._on_first_byte(ttft)
+
+
+def _before_answer(exc: Exception) -> Exception:
+    """What a failure before the answer started is: a timeout may still be running on the replica (502),
+    a connection that failed or closed is ``NothingSent`` (retried elsewhere)."""
+    if isinstance(exc, asyncio.TimeoutError):  # aiohttp's ServerTimeoutError is one too
+        return upstream_failed(repr(exc))
+    reason = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "disconnect"
+    return NothingSent(reason, upstream_failed(repr(exc)))
 
 
 async def _to_client(response: web.StreamResponse, operation: Awaitable[Any]) -> None:

@@ -11,7 +11,7 @@ import asyncio
 from collections import Counter
 from typing import Any
 
-from app.replica import ReplicaInfo, ReplicaState
+from app.replica import ReplicaInfo, ReplicaState, Role
 from app.router.balancing import BalancingPolicy
 from app.router.metrics import RouterMetrics
 
@@ -22,20 +22,28 @@ class ReplicaPool:
         self._policy = BalancingPolicy.create(policy)
         self._replicas: dict[str, ReplicaInfo] = {}
         self._in_flight: Counter[str] = Counter()
+        self._roles: set[Role] = set()  # every role seen: its gauges are kept at zero once it is gone
         self._idle = asyncio.Condition()  # notified whenever a request on some replica ends
 
     def replace(self, replicas: list[ReplicaInfo]) -> None:
         """Take the App's replica table as it is now."""
         self._replicas = {info.replica_id: info for info in replicas}
-        by_state = Counter(info.state for info in replicas)
-        for state in ReplicaState:
-            self._metrics.replicas.labels(state.value).set(by_state[state])
+        by_role_state = Counter((info.role, info.state) for info in replicas)
+        for role in {info.role for info in replicas} | self._roles:
+            for state in ReplicaState:
+                self._metrics.replicas.labels(role.value, state.value).set(by_role_state[role, state])
+        self._roles |= {info.role for info in replicas}
 
-    def ready_ids(self) -> list[str]:
-        return [rid for rid, info in list(self._replicas.items()) if info.state is ReplicaState.READY and info.url]
+    def ready_ids(self, role: Role | None = None) -> list[str]:
+        """The replicas that take requests (of ``role``, if given)."""
+        return [rid for rid, info in list(self._replicas.items())
+                if info.state is ReplicaState.READY and info.url and role in (None, info.role)]
 
-    def in_flight(self) -> int:
-        return sum(dict(self._in_flight).values())
+    def in_flight(self, role: Role | None = None) -> int:
+        """Requests in flight (on the replicas of ``role``, if given)."""
+        replicas = dict(self._replicas)
+        return sum(count for rid, count in dict(self._in_flight).items()
+                   if role is None or (rid in replicas and replicas[rid].role is role))
 
     def rows(self) -> list[dict[str, Any]]:
         """One ``/status`` row per replica."""
@@ -43,10 +51,10 @@ class ReplicaPool:
         return [{**info.model_dump(mode="json"), "in_flight": in_flight.get(rid, 0)}
                 for rid, info in sorted(dict(self._replicas).items())]
 
-    def pick(self, avoid: str | None = None) -> ReplicaInfo | None:
-        """The ready replica for the next request (None if no replica is ready). ``avoid`` is taken
-        only if it is the one ready replica."""
-        ready = self.ready_ids()
+    def pick(self, role: Role, avoid: str | None = None) -> ReplicaInfo | None:
+        """The ready replica of ``role`` for the next request (None if none is ready). ``avoid`` is
+        taken only if it is the one ready replica."""
+        ready = self.ready_ids(role)
         others = [rid for rid in ready if rid != avoid]
         chosen = self._policy.select(others or ready, dict(self._in_flight))
         return None if chosen is None else self._replicas[chosen]

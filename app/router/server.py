@@ -1,6 +1,7 @@
 """The Router's HTTP server: OpenAI routes proxied to engine replicas, health, metrics, status and the
-scaling endpoints. Its parts live beside it: ``replica_pool`` (who is routed to), ``proxy`` (the
-upstream side), ``scale_mailbox`` (scaling requests for the App), ``openai_protocol``, ``metrics``.
+scaling endpoints. Its parts live beside it: ``dispatch`` (which replicas serve a request: one, or a
+prefill and a decode leg), ``replica_pool`` (who is routed to), ``proxy`` (the upstream side),
+``scale_mailbox`` (scaling requests for the App), ``openai_protocol``, ``metrics``.
 
 It imports no vLLM and no torch, so it starts in well under a second. It runs its own asyncio loop;
 the methods marked *thread-safe* may be called from any thread (the Router actor's call threads).
@@ -22,21 +23,21 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from app.config import RouterConfig
+from app.config import RouterConfig, ServingMode
 from app.events import Event
 from app.kv.ledger import KVStats
-from app.replica import ReplicaInfo
+from app.replica import ReplicaInfo, Role
+from app.router.dispatch import Dispatcher
 from app.router.metrics import RouterMetrics
 from app.router.openai_protocol import (
     ApiError,
     ErrorType,
     Route,
     bad_request,
-    no_replica_ready,
     parse_request,
     unauthorized,
 )
-from app.router.proxy import REQUEST_ID, ClientGone, NothingSent, Upstream
+from app.router.proxy import REQUEST_ID, ClientGone, Upstream
 from app.router.replica_pool import ReplicaPool
 from app.router.scale_mailbox import ScaleMailbox
 
@@ -50,19 +51,23 @@ _REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id", str)
 class RouterServer:
     """Front door: validates, balances, proxies, measures."""
 
-    def __init__(self, config: RouterConfig, served_models: list[str],
+    def __init__(self, config: RouterConfig, served_models: list[str], mode: ServingMode = ServingMode.MERGED,
                  policy: str = "least_outstanding") -> None:
         self._config = config
         self._models = list(served_models)
+        self._mode = mode
+        self._roles = (Role.MERGED,) if mode is ServingMode.MERGED else (Role.PREFILL, Role.DECODE)
         self._metrics = RouterMetrics()
         self._pool = ReplicaPool(self._metrics, policy)
         self.scale_requests = ScaleMailbox()
-        # (wall time, seconds to first byte) of recent proxied requests: the autoscaler's TTFT signal.
+        # (wall time, seconds to first byte) of recent client requests: the autoscaler's TTFT signal (of
+        # the pool that computes prompts).
         self._first_bytes: deque[tuple[float, float]] = deque(maxlen=512)
         self._decisions: deque[dict[str, Any]] = deque(maxlen=20)
         self._events: deque[dict[str, Any]] = deque(maxlen=50)
         self._upstream = Upstream(config.request_timeout_s, self._metrics,
                                   lambda ttft: self._first_bytes.append((time.time(), ttft)))
+        self._dispatcher = Dispatcher(mode, self._pool, self._upstream, self._metrics)
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -137,18 +142,19 @@ class RouterServer:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(self._pool.drain(replica_id, timeout_s), self._loop).result()
 
-    def signals(self, window_s: float = 30.0) -> dict[str, Any]:
-        """Load signals for the autoscaler. Thread-safe."""
+    def signals(self, window_s: float = 30.0) -> dict[str, dict[str, Any]]:
+        """Load signals for the autoscaler, per role. Thread-safe."""
         horizon = time.time() - window_s
         recent = sorted(ttft for at, ttft in list(self._first_bytes) if at >= horizon)
-        return {"ready": len(self._pool.ready_ids()), "in_flight": self._pool.in_flight(),
-                "ttft_p50_s": recent[len(recent) // 2] if recent else None}
+        ttft = recent[len(recent) // 2] if recent else None
+        return {role.value: {"ready": len(self._pool.ready_ids(role)), "in_flight": self._pool.in_flight(role),
+                             "ttft_p50_s": None if role is Role.DECODE else ttft} for role in self._roles}
 
     def record_decision(self, decision: dict[str, Any]) -> None:
         """Show an autoscaling decision in /status and /metrics. Thread-safe."""
         self._decisions.append({"at": time.time(), **decision})
-        self._metrics.autoscale_target.set(decision["target"])
-        self._metrics.autoscale_decisions.labels(decision["reason"].split(":")[0]).inc()
+        self._metrics.autoscale_target.labels(decision["role"]).set(decision["target"])
+        self._metrics.autoscale_decisions.labels(decision["role"], decision["reason"].split(":")[0]).inc()
 
     def record_event(self, event: Event) -> None:
         """Show a supervision event in /status and /metrics. Thread-safe."""
@@ -163,6 +169,7 @@ class RouterServer:
         """The ``/status`` document. Thread-safe (reads are of immutable snapshots)."""
         return {
             "models": self._models,
+            "mode": self._mode.value,
             "autoscale_decisions": list(self._decisions),
             "events": list(self._events),
             "kv": self._metrics.kv.stats.model_dump(),
@@ -225,32 +232,7 @@ class RouterServer:
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
         route = Route(request.path)
         proxied = parse_request(route, await request.read(), set(self._models))
-        replica = self._pool.pick()
-        if replica is None:
-            raise no_replica_ready()
-        try:
-            return await self._forward(request, route, proxied.raw, replica)
-        except NothingSent as failed:
-            # Retried once, on another replica if there is one (the only one, if not: a connection
-            # the replica was closing is the common case there).
-            retry = self._pool.pick(avoid=replica.replica_id)
-            if retry is None:
-                raise failed.error from None
-            self._metrics.retries.labels(failed.reason).inc()
-            logger.info("request %s: %s failed before answering (%s); retrying on %s",
-                        request[_REQUEST_ID_KEY], replica.replica_id, failed.reason, retry.replica_id)
-            try:
-                return await self._forward(request, route, proxied.raw, retry)
-            except NothingSent as again:
-                raise again.error from None
-
-    async def _forward(self, request: web.Request, route: Route, body: bytes,
-                       replica: ReplicaInfo) -> web.StreamResponse:
-        self._pool.started(replica.replica_id)
-        try:
-            return await self._upstream.forward(request, route, body, replica, request[_REQUEST_ID_KEY])
-        finally:
-            self._pool.finished(replica.replica_id)
+        return await self._dispatcher.serve(request, proxied, request[_REQUEST_ID_KEY])
 
     async def _scale(self, request: web.Request) -> web.Response:
         if not self._may_scale(request):
