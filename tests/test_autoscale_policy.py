@@ -4,6 +4,8 @@ import pytest
 
 from app.config import AppConfig, AutoscaleConfig, ConfigError
 from app.control.autoscale_policy import AutoscalePolicy, Signals
+from app.control.autoscaler import pool_config
+from app.replica import Role
 
 CONFIG = AutoscaleConfig(enabled=True, min_replicas=1, max_replicas=4, target_in_flight=4, quiet_period_s=10)
 
@@ -73,3 +75,17 @@ def test_slow_first_tokens_are_pressure():
 def test_min_above_max_is_a_config_error():
     with pytest.raises(ConfigError, match="min_replicas"):
         AppConfig.load(env={}, overrides={"autoscale.min_replicas": 5, "autoscale.max_replicas": 2})
+
+
+def test_each_pool_follows_its_own_signal():
+    config = CONFIG.model_copy(update={"ttft_target_s": 1.0, "target_decode_streams": 8.0})
+    prefill = AutoscalePolicy(pool_config(config, Role.PREFILL), Role.PREFILL)
+    decode = AutoscalePolicy(pool_config(config, Role.DECODE), Role.DECODE)
+    # Slow first tokens are the prefill pool's pressure, not the decode pool's.
+    slow = Signals(ready=1, in_flight=1, ttft_p50_s=3.0)
+    assert prefill.evaluate(slow, now=0).as_dict()["role"] == "prefill"
+    assert decode.evaluate(slow, now=0) is None
+    # Decode replicas hold more streams each before it is pressure.
+    assert decode.evaluate(Signals(ready=1, in_flight=8), now=0) is None
+    up = decode.evaluate(Signals(ready=1, in_flight=17), now=0)
+    assert (up.role, up.target) == (Role.DECODE, 3) and "17 in flight > 8 per replica" in up.reason

@@ -2,7 +2,8 @@
 
 import pytest
 
-from app.config import AppConfig, ConfigError, RuntimeMode
+from app.config import AppConfig, ConfigError, RuntimeMode, ServingMode
+from app.replica import Role
 
 
 def test_defaults_are_safe():
@@ -109,3 +110,29 @@ def test_kv_capacity_defaults_to_a_quarter_of_the_local_worker_and_must_fit_in_i
         AppConfig.load(env={}, overrides={"kv.capacity_gb": 5, "runtime.ds_shared_memory_mb": 4096})
     # Off, a capacity is not checked: it is not used.
     assert not AppConfig.load(env={}, overrides={"kv.enabled": False, "kv.capacity_gb": 40}).kv.enabled
+
+
+def test_disaggregated_pools_and_the_original_case_variables():
+    config = AppConfig.load(env={"YRLLM_MODE": "disaggregated", "YRLLM_DECODE__REPLICAS": "3"})
+    assert config.pools == {Role.PREFILL: 1, Role.DECODE: 3}
+    # The original case: DECODE_INS_NUM 0 is PD-merged (its DTP=0 means no decode pool)...
+    merged = AppConfig.load(env={"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "PTP": "1", "DTP": "0"})
+    assert merged.mode is ServingMode.MERGED and merged.pools == {Role.MERGED: 2}
+    # ... and more than 0 is disaggregated.
+    split = AppConfig.load(env={"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "4", "PTP": "1", "DTP": "1"})
+    assert split.mode is ServingMode.DISAGGREGATED and split.pools == {Role.PREFILL: 2, Role.DECODE: 4}
+    assert AppConfig.load(env={"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "4",
+                               "YRLLM_DECODE__REPLICAS": "1"}).pools[Role.DECODE] == 1  # YRLLM_* wins
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PTP": "2"}, "prefill.tensor_parallel: .*only 1 is supported so far"),
+    ({"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "two"}, "decode.replicas"),
+    ({"YRLLM_MODE": "disaggregated", "YRLLM_REPLICAS": "2"}, "'replicas' counts merged replicas"),
+    ({"YRLLM_DECODE__REPLICAS": "2"}, "apply to mode: disaggregated"),
+    ({"YRLLM_MODE": "disaggregated", "YRLLM_KV__ENABLED": "false"}, "needs kv.enabled"),
+    ({"YRLLM_MODE": "split"}, "mode"),
+])
+def test_pools_that_do_not_fit_the_mode_are_errors(env, message):
+    with pytest.raises(ConfigError, match=message):
+        AppConfig.load(env=env)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from app.kv.block_format import CorruptBlock, object_size, read_block, write_block
-from app.kv.journal import JournalReader, JournalWriter, KVOp, journal_file
+from app.kv.journal import HandoffResult, JournalReader, JournalWriter, KVOp, journal_file
 from app.kv.keys import KVNamespace, block_keys, layout_tag
 from app.kv.ledger import KVLedger
-from app.kv.scheduling import BlockScheduler, StepRequest
+from app.kv.scheduling import BlockScheduler, Handoff, StepRequest
 from app.kv.store import StoreUnavailable
 from app.kv.transfer import BlockCopier, UnsupportedLayout
 
@@ -169,6 +169,71 @@ def test_the_journal_says_what_the_lookups_found(tmp_path):
     scheduler.lookup("short", prompt[:3], 0)  # no full block: nothing to look up, no line
     lines = JournalReader(tmp_path / "kv-r1", "scheduler").read()
     assert [(line["op"], line["blocks"]) for line in lines] == [("lookup", 1), ("lookup", 0)]
+
+
+def test_a_tail_key_covers_a_partial_last_block_and_is_never_a_full_blocks_key():
+    prompt = list(range(10))  # 2 full blocks and 2 tokens
+    keys = block_keys(NAMESPACE, prompt, 2, tail=True)
+    assert keys[:2] == block_keys(NAMESPACE, prompt, 2) and len(keys) == 3
+    assert block_keys(NAMESPACE, prompt + [10, 11], 3)[2] != keys[2]  # the full block over the same start
+    assert block_keys(NAMESPACE, prompt[:8], 2, tail=True) == keys[:2]  # no partial block: no tail key
+    with pytest.raises(ValueError, match="a block or more"):
+        block_keys(NAMESPACE, prompt, 1, tail=True)
+
+
+def test_a_prefill_leg_stores_the_whole_prompt_and_answers_the_decode_legs_parameters(journal):
+    prompt = list(range(10))
+    keys = block_keys(NAMESPACE, prompt, 2, tail=True)
+    scheduler = BlockScheduler(NAMESPACE, FakeStore(), journal)
+    assert scheduler.lookup("p", prompt, 0, handoff=Handoff.of({"do_remote_decode": True})) == 0
+    scheduler.allocated("p", [4, 5, 6], 0)
+    _, stores = scheduler.step([StepRequest("p", 10, [4, 5, 6], replace=True)])
+    assert [(t.keys, t.block_ids) for t in stores] == [(keys, [4, 5, 6])]  # the partial block too
+    assert scheduler.finished("p") == {"do_remote_prefill": True, "prompt_tokens": 10, "blocks": 3}
+
+
+@pytest.mark.parametrize("tokens, loaded_tokens", [(10, 9), (8, 7), (9, 8)])
+def test_a_decode_leg_loads_every_prompt_token_but_the_last(tmp_path, tokens, loaded_tokens):
+    # 10 tokens: 2 blocks and the tail; 8: the second block holds the last token; 9: the tail is it.
+    prompt = list(range(tokens))
+    keys = block_keys(NAMESPACE, prompt, tokens // BLOCK, tail=True)
+    writer = JournalWriter(tmp_path / "kv-d1", "scheduler")
+    scheduler = BlockScheduler(NAMESPACE, FakeStore(set(keys)), writer)
+    assert scheduler.lookup("d", prompt, 0, handoff=Handoff.CONSUME) == loaded_tokens
+    blocks = list(range(1, len(keys) + 1))
+    scheduler.allocated("d", blocks, loaded_tokens)
+    loads, stores = scheduler.step([StepRequest("d", tokens, blocks, replace=True)])
+    needed = -(-loaded_tokens // BLOCK)
+    assert [(t.keys, t.block_ids) for t in loads] == [(keys[:needed], blocks[:needed])] and stores == []
+    _, later = scheduler.step([StepRequest("d", tokens + 8, [9, 10])])  # generating: nothing to store
+    assert later == [] and scheduler.finished("d") is None
+    lines = JournalReader(tmp_path / "kv-d1", "scheduler").read()
+    assert [line for line in lines if line["op"] == "handoff"] == [
+        {"op": "handoff", "result": "complete", "blocks": needed}]
+
+
+def test_a_decode_leg_that_misses_the_handoff_recomputes_and_says_so(tmp_path):
+    prompt = list(range(10))
+    keys = block_keys(NAMESPACE, prompt, 2, tail=True)
+    writer = JournalWriter(tmp_path / "kv-d1", "scheduler")
+    scheduler = BlockScheduler(NAMESPACE, FakeStore({keys[0]}), writer)
+    assert scheduler.lookup("partial", prompt, 0, handoff=Handoff.CONSUME) == BLOCK
+    assert scheduler.lookup("partial", prompt, 0, handoff=Handoff.CONSUME) == BLOCK  # recorded once
+    assert scheduler.lookup("missed", [7] + prompt[1:], 0, handoff=Handoff.CONSUME) == 0
+    scheduler.lookup("corrupt", prompt, 0, handoff=Handoff.CONSUME)
+    scheduler.allocated("corrupt", [1, 2, 3], BLOCK)
+    scheduler.step([StepRequest("corrupt", 10, [1, 2, 3], replace=True)])
+    scheduler.invalidated({1})
+    lines = JournalReader(tmp_path / "kv-d1", "scheduler").read()
+    assert [line["result"] for line in lines if line["op"] == "handoff"] == [
+        "partial", "missed", "partial", "load_failed"]
+
+
+def test_handoffs_are_counted_by_result():
+    ledger = KVLedger(capacity_bytes=1 << 20)
+    ledger.ingest([{"op": "handoff", "result": result.value, "blocks": 1} for result in HandoffResult]
+                  + [{"op": "handoff", "result": "missed", "blocks": 0}])
+    assert ledger.stats.handoffs == {"complete": 1, "partial": 1, "missed": 2, "load_failed": 1}
 
 
 def test_a_journal_reader_never_returns_half_a_line(tmp_path):
