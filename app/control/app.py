@@ -54,6 +54,7 @@ class App:
         self._autoscaler: Autoscaler | None = None
         self._supervisor: Supervisor | None = None
         self._kv: KVAccountant | None = None  # None: kv.enabled is off
+        self._holds_pool = False  # uses the process's engine pool (ENGINE_POOL.hold)
         self._log_dir = Path(tempfile.mkdtemp(prefix="yrllm-logs-"))
         self.model_dir: Path | None = None
         self.served_model_name: str | None = None
@@ -79,6 +80,8 @@ class App:
         self.model_dir = self.config.model or demo_model_dir(self.config.demo_cache_dir)
         self.served_model_name = self.config.served_model_name or self.model_dir.name
         # Standbys warm up (imports, ~10 s of CPU) while the data system worker starts.
+        ENGINE_POOL.hold()
+        self._holds_pool = True
         ENGINE_POOL.prepare(self._engine_spec("standby", Role.MERGED))
         self._runtime.start()
         self._router = Router.options(yr.InvokeOptions(concurrency=8)).invoke(
@@ -144,7 +147,9 @@ class App:
             self._kv = None
         if self._scaler is not None:
             self._scaler.stop_all()
-        ENGINE_POOL.close()
+        if self._holds_pool:
+            ENGINE_POOL.release()  # the last App in this process stops the standbys
+            self._holds_pool = False
         if self._weights is not None:
             _finish_actor(self._weights.actor, "clear")  # frees the cached weights in the data system
             self._weights = None

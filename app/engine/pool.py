@@ -8,7 +8,9 @@ is refilled after a replica served its first token (not while it starts: on a sm
 refill would compete for the same cores).
 
 One pool per process: in yr local mode every engine actor is a thread of the driver and shares it;
-in cluster mode each actor is a process of its own, and the App leaves the pool empty there.
+in cluster mode each actor is a process of its own, and the App leaves the pool empty there. Several
+Apps in one driver (a notebook, the tests) share it: each ``hold``s it while it runs, and the last to
+``release`` it stops the standbys.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class EnginePool:
         self._idle: list[tuple[dict[str, str | None], ChildProcess]] = []
         self._lock = threading.Lock()
         self._count = itertools.count(1)
+        self._holders = 0
 
     def take(self, spec: EngineSpec) -> ChildProcess:
         """A standby for ``spec`` if there is one (alive, warm or still importing), a fresh process
@@ -62,6 +65,19 @@ class EnginePool:
         with self._lock:
             idle = [p for _, p in self._idle if p.poll() is None]
         return [process.pid for process in idle if STANDBY_READY in process.log_head()]
+
+    def hold(self) -> None:
+        """An App starts using the pool."""
+        with self._lock:
+            self._holders += 1
+
+    def release(self) -> None:
+        """An App is done with the pool; the last one stops the standbys."""
+        with self._lock:
+            self._holders = max(0, self._holders - 1)
+            last = self._holders == 0
+        if last:
+            self.close()
 
     def close(self) -> None:
         """Stop every idle standby. Idempotent."""
