@@ -7,6 +7,7 @@
 #   make chaos   - faults under streaming load, and the Router's own cost; writes bench/out/chaos.*
 #   make kv      - prefix reuse through the data system, with and without the KV connector; writes
 #                  bench/out/kv.*
+#   make pd      - disaggregated prefill/decode against merged serving; writes bench/out/pd.*
 # Both create .venv and install the pinned stack on first use (and again when a requirements file or
 # pyproject.toml changes).
 
@@ -14,7 +15,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench traffic chaos kv clean
+.PHONY: serve test bench traffic chaos kv pd clean
 
 serve: $(STAMP)
 	$(VENV)/bin/python entrypoint.py $(ARGS)
@@ -36,6 +37,9 @@ chaos: $(STAMP)
 
 kv: $(STAMP)
 	$(VENV)/bin/python -m bench.kv $(ARGS)
+
+pd: $(STAMP)
+	$(VENV)/bin/python -m bench.pd $(ARGS)
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

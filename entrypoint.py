@@ -23,7 +23,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, object]]:
         "--served-model-name": ("served_model_name", str, "Model name clients send."),
         "--host": ("router.host", str, "Router bind address (default 127.0.0.1)."),
         "--port": ("router.port", int, "Router port (default 9000; 0 picks a free one)."),
-        "--replicas": ("replicas", int, "Replicas to start (default 1)."),
+        "--replicas": ("replicas", int, "Merged mode: replicas to start (default 1)."),
+        "--mode": ("mode", str, "merged (default: each replica serves whole requests) or disaggregated "
+                   "(prefill and decode pools, the KV handed over through the data system)."),
+        "--prefill-replicas": ("prefill.replicas", int, "Disaggregated mode: prefill replicas (default 1)."),
+        "--decode-replicas": ("decode.replicas", int, "Disaggregated mode: decode replicas (default 1)."),
         "--dtype": ("engine.dtype", str, "auto, float32, bfloat16 or float16."),
         "--max-model-len": ("engine.max_model_len", int, "Context length."),
         "--kv-cache-gib": ("engine.kv_cache_gib", float, "CPU KV cache per engine in GiB (fractions allowed)."),
@@ -71,6 +75,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _banner(app: "App") -> str:  # noqa: F821 - imported lazily above
     url, model = app.url, app.served_model_name
+    scale_body = "" if app.config.mode.value == "merged" else " -d '{\"role\": \"decode\"}'"
     demo = "" if app.config.model else ("\n  NOTE: the demo model has RANDOM weights: the API is real, "
                                         "the text is gibberish. Pass --model DIR for a real model.")
     return f"""
@@ -82,7 +87,7 @@ Serving '{model}' at {url} (OpenAI-compatible).{demo}
   python -c "import openai; c = openai.OpenAI(base_url='{url}/v1', api_key='none'); \\
 print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0].message.content)"
 
-  Scale out one replica:  curl -X POST {url}/scaleout
+  Scale out one replica:  curl -X POST {url}/scaleout{scale_body}
   Status and metrics:     curl {url}/status ; curl {url}/metrics
 Press Ctrl-C to stop.
 """

@@ -36,14 +36,15 @@ def status(url: str) -> dict:
     return json.loads(http_call(url, "/status", timeout=10)[1])
 
 
-def start_driver(replicas: int, log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """``python entrypoint.py`` with ``env`` on top of ours (YRLLM_* variables configure it); returns once
-    ``replicas`` replicas are ready."""
+def start_driver(replicas: int, log: Path, env: dict[str, str],
+                 flags: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``python entrypoint.py`` with ``env`` on top of ours (YRLLM_* variables configure it) and ``flags``
+    (default: ``--replicas <replicas>``); returns once ``replicas`` replicas are ready."""
     port = free_port()
     env = {**os.environ, **env}
-    driver = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), "--port", str(port), "--replicas",
-                               str(replicas)], cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    flags = ["--replicas", str(replicas)] if flags is None else flags
+    driver = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), "--port", str(port), *flags], cwd=ROOT,
+                              env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:

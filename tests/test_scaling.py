@@ -102,7 +102,10 @@ def test_mapped_replicas_share_one_physical_copy_of_the_weights(app):
     for replica_id, core in cores.items():
         rss, pss = shared_memory(core.pid)
         assert rss >= 0.9 * weight_bytes, f"{replica_id} does not map the weights"
-        assert pss <= 0.5 * rss, f"{replica_id} holds its own copy"
+        # The same shared memory holds the KV blocks this replica stored or loaded (other tests' prompts):
+        # counted in full, the weights' share is still at most half of them.
+        beside_weights = max(rss - weight_bytes, 0)
+        assert pss <= 0.5 * weight_bytes + beside_weights, f"{replica_id} holds its own copy"
         total_pss += pss
     # Every process that maps the shared memory together accounts for one copy (plus the manifest),
     # beside the KV blocks other tests left in the data system.

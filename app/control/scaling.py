@@ -72,11 +72,6 @@ class Scaler:
         return {role: roles.count(role) for role in self.roles}
 
     @property
-    def count(self) -> int:
-        with self._lock:
-            return len(self._replicas)
-
-    @property
     def busy(self) -> bool:
         return self._turn.locked()
 
