@@ -192,6 +192,16 @@ def test_a_prefill_leg_stores_the_whole_prompt_and_answers_the_decode_legs_param
     assert scheduler.finished("p") == {"do_remote_prefill": True, "prompt_tokens": 10, "blocks": 3}
 
 
+def test_a_prefill_leg_stores_again_what_its_own_prefix_cache_holds_and_the_data_system_lost(journal):
+    prompt = list(range(10))
+    keys = block_keys(NAMESPACE, prompt, 2, tail=True)
+    scheduler = BlockScheduler(NAMESPACE, FakeStore({keys[0]}), journal)  # block 2 was evicted
+    assert scheduler.lookup("p", prompt, 2 * BLOCK, handoff=Handoff.PRODUCE) == 0  # 2 blocks hit locally
+    scheduler.allocated("p", [4, 5, 6], 0)
+    _, stores = scheduler.step([StepRequest("p", 10, [4, 5, 6], replace=True)])
+    assert [(t.keys, t.block_ids) for t in stores] == [(keys[1:], [5, 6])]
+
+
 @pytest.mark.parametrize("tokens, loaded_tokens", [(10, 9), (8, 7), (9, 8)])
 def test_a_decode_leg_loads_every_prompt_token_but_the_last(tmp_path, tokens, loaded_tokens):
     # 10 tokens: 2 blocks and the tail; 8: the second block holds the last token; 9: the tail is it.

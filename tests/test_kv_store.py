@@ -90,3 +90,16 @@ def _fill_with_weights(client, keys: list[str], size: int) -> None:
             assert "Out of memory" in str(exc)
             return
         keys.append(key)
+
+
+def test_a_block_in_use_does_not_expire(ds_worker):
+    store = BlockStore(ds_worker.address, timeout_ms=1000, ttl_s=2)
+    used, idle = "yrllm_kv_test_ttl_used", "yrllm_kv_test_ttl_idle"
+    store.put([used, idle], 1000, _fill(1))
+    try:
+        time.sleep(1.4)
+        store.refresh([used])  # what a load does: its TTL starts again
+        time.sleep(1.4)
+        assert store.present_prefix([used]) == 1 and store.present_prefix([idle]) == 0
+    finally:
+        store.delete([used, idle])

@@ -152,6 +152,7 @@ class DataSystemKVConnector(KVConnectorBase_V1):
                 break
             loaded += 1
         if loaded:
+            self._store.refresh(transfer.keys[:loaded])  # in use: not to expire while it is
             self._journal.record(KVOp.LOADED, keys=transfer.keys[:loaded], bytes=loaded * self._copier.object_size,
                                  seconds=round(time.perf_counter() - started, 6))
         if loaded < len(transfer.keys):

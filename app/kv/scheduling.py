@@ -66,6 +66,7 @@ class _Request:
     block_ids: list[int] = field(default_factory=list)
     stored: int = 0  # blocks, from the first, that are in the data system or on their way
     found: tuple[int, int] | None = None  # the pending lookup: (first block, blocks found from it)
+    held: int | None = None  # a producer's local prefix hit: its blocks, from the first, the data system holds
     handoff_recorded: bool = False  # a consumer's HANDOFF line is written once
 
 
@@ -97,15 +98,16 @@ class BlockScheduler:
         first = computed // size
         if request.found is not None and request.found[0] == first:
             return self._tokens(request, first, request.found[1])  # asked again: not scheduled yet
+        if request.handoff is Handoff.PRODUCE and first:
+            # The engine's own prefix cache may hold blocks the data system has lost (evicted, expired):
+            # the decode side needs them, so they are stored again.
+            request.held = self._present(request.keys[:first], default=first)
         if first >= request.loadable:
             request.found = (first, 0)  # the engine holds all it may: no lookup
             self._record_handoff(request, HandoffResult.COMPLETE, 0)
             return 0
         started = time.perf_counter()
-        try:
-            found = self._store.present_prefix(request.keys[first:request.loadable])
-        except StoreUnavailable:
-            found = 0
+        found = self._present(request.keys[first:request.loadable], default=0)
         request.found = (first, found)
         tokens = self._tokens(request, first, found)
         self._journal.record(KVOp.LOOKUP, blocks=found, tokens=tokens,
@@ -114,6 +116,12 @@ class BlockScheduler:
                   HandoffResult.PARTIAL if found else HandoffResult.MISSED)
         self._record_handoff(request, result, found)
         return tokens
+
+    def _present(self, keys: list[str], default: int) -> int:
+        try:
+            return self._store.present_prefix(keys)
+        except StoreUnavailable:
+            return default
 
     def _tokens(self, request: _Request, first: int, found: int) -> int:
         """Tokens that ``found`` blocks from block ``first`` hold: never the last prompt token."""
@@ -136,6 +144,9 @@ class BlockScheduler:
             self._loads.append(BlockTransfer(req_id, request.keys[first:first + loaded],
                                              list(block_ids[first:first + loaded])))
         request.stored = max(request.stored, first + loaded)
+        if request.held is not None:
+            request.stored = min(request.stored, request.held)  # from the first block the data system lost
+            request.held = None
         request.found = None
 
     def step(self, requests: Iterable[StepRequest]) -> tuple[list[BlockTransfer], list[BlockTransfer]]:

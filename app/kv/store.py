@@ -118,6 +118,18 @@ class BlockStore:
                     raise StoreFull(str(exc).splitlines()[0]) from None
                 self._failed(exc)
 
+    def refresh(self, keys: Sequence[str]) -> None:
+        """Restart the TTL of blocks that were just used. Best effort: a block that expired meanwhile
+        is simply gone, and a data system that does not answer fails the next real call anyway."""
+        if not self._ttl_s:
+            return
+        client = self._connected()
+        for start in range(0, len(keys), _BATCH):
+            try:
+                client.expire(list(keys[start:start + _BATCH]), self._ttl_s)
+            except RuntimeError:
+                return
+
     def delete(self, keys: Sequence[str]) -> None:
         client = self._connected()
         for start in range(0, len(keys), _BATCH):
