@@ -129,6 +129,11 @@ class ServingMode(str, Enum):
     MERGED = "merged"  # every replica serves whole requests (the original case's DECODE_INS_NUM=0)
     DISAGGREGATED = "disaggregated"  # a prefill pool computes prompts, a decode pool generates
 
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        """The pools of this mode."""
+        return (Role.MERGED,) if self is ServingMode.MERGED else (Role.PREFILL, Role.DECODE)
+
 
 class PoolConfig(_Section):
     """One pool of engine replicas (sections ``prefill`` and ``decode``)."""

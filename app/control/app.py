@@ -94,7 +94,7 @@ class App:
             self._weights = self._start_weight_cache(self._identity)
         events = EventLog(self._router)
         self._scaler = Scaler(self._engine_spec, self._router, self._weights, self.config.router.drain_timeout_s,
-                              events, tuple(self.config.pools))
+                              events, self.config.mode.roles)
         self._scale_requests = ScaleRequestServer(self._router, self._scaler)
         self._scale_requests.start()
         self.start_report = self._scaler.scale(self.config.pools)

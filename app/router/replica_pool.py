@@ -17,22 +17,22 @@ from app.router.metrics import RouterMetrics
 
 
 class ReplicaPool:
-    def __init__(self, metrics: RouterMetrics, policy: str = "least_outstanding") -> None:
+    def __init__(self, metrics: RouterMetrics, roles: tuple[Role, ...] = (Role.MERGED,),
+                 policy: str = "least_outstanding") -> None:
         self._metrics = metrics
+        self._roles = roles  # the pools of the App's mode
         self._policy = BalancingPolicy.create(policy)
         self._replicas: dict[str, ReplicaInfo] = {}
         self._in_flight: Counter[str] = Counter()
-        self._roles: set[Role] = set()  # every role seen: its gauges are kept at zero once it is gone
         self._idle = asyncio.Condition()  # notified whenever a request on some replica ends
 
     def replace(self, replicas: list[ReplicaInfo]) -> None:
         """Take the App's replica table as it is now."""
         self._replicas = {info.replica_id: info for info in replicas}
         by_role_state = Counter((info.role, info.state) for info in replicas)
-        for role in {info.role for info in replicas} | self._roles:
+        for role in self._roles:
             for state in ReplicaState:
                 self._metrics.replicas.labels(role.value, state.value).set(by_role_state[role, state])
-        self._roles |= {info.role for info in replicas}
 
     def ready_ids(self, role: Role | None = None) -> list[str]:
         """The replicas that take requests (of ``role``, if given)."""

@@ -56,9 +56,9 @@ class RouterServer:
         self._config = config
         self._models = list(served_models)
         self._mode = mode
-        self._roles = (Role.MERGED,) if mode is ServingMode.MERGED else (Role.PREFILL, Role.DECODE)
+        self._roles = mode.roles
         self._metrics = RouterMetrics()
-        self._pool = ReplicaPool(self._metrics, policy)
+        self._pool = ReplicaPool(self._metrics, self._roles, policy)
         self.scale_requests = ScaleMailbox()
         # (wall time, seconds to first byte) of recent client requests: the autoscaler's TTFT signal (of
         # the pool that computes prompts).
