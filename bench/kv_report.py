@@ -7,8 +7,8 @@ import statistics
 from pathlib import Path
 
 from bench.kv import TARGET_OVERHEAD, TARGET_SPEEDUP
+from bench.report import write_section
 
-ROOT = Path(__file__).resolve().parent.parent
 TITLE = "KV prefix reuse through the data system"
 
 
@@ -62,10 +62,4 @@ def report(result: dict, out: Path, publish: bool) -> None:
         f"{grain['per_layer']['load_ms']} ms. The connector stores one object per block.",
         "",
     ]
-    body = "\n".join(lines)
-    (out / "kv.md").write_text(f"## {TITLE}\n\n{body}")
-    print(body, flush=True)
-    if publish:
-        from bench.report import replace_section
-
-        replace_section(ROOT / "BENCHMARKS.md", TITLE, body)
+    write_section(out, "kv", TITLE, "\n".join(lines), publish)

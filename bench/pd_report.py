@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.report import write_section
+
 TITLE = "Disaggregated prefill/decode against merged serving"
 
 
@@ -55,10 +56,4 @@ def report(result: dict, out: Path, publish: bool) -> None:
         "between the pools' nodes, not measured here (one node; issue 13 brings cross-node reads).",
         "",
     ]
-    body = "\n".join(lines)
-    (out / "pd.md").write_text(f"## {TITLE}\n\n{body}")
-    print(body, flush=True)
-    if publish:
-        from bench.report import replace_section
-
-        replace_section(ROOT / "BENCHMARKS.md", TITLE, body)
+    write_section(out, "pd", TITLE, "\n".join(lines), publish)

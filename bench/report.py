@@ -178,3 +178,11 @@ def replace_section(path: Path, title: str, body: str) -> None:
     pattern = re.compile(f"<!-- begin {re.escape(title)} -->\n.*?<!-- end {re.escape(title)} -->\n", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text.rstrip()}\n\n{block}"
     path.write_text(text)
+
+
+def write_section(out: Path, name: str, title: str, body: str, publish: bool) -> None:
+    """A benchmark's report: ``<out>/<name>.md``, printed, and with ``publish`` its BENCHMARKS.md section."""
+    (out / f"{name}.md").write_text(f"## {title}\n\n{body}")
+    print(body, flush=True)
+    if publish:
+        replace_section(Path(__file__).resolve().parent.parent / "BENCHMARKS.md", title, body)
