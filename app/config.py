@@ -294,9 +294,6 @@ class AppConfig(BaseSettings):
             return {Role.MERGED: self.replicas}
         return {Role.PREFILL: self.prefill.replicas, Role.DECODE: self.decode.replicas}
 
-    def pool(self, role: Role) -> PoolConfig:
-        return self.decode if role is Role.DECODE else self.prefill
-
     @model_validator(mode="after")
     def _pools_match_the_mode(self) -> "AppConfig":
         if self.mode is ServingMode.DISAGGREGATED:
