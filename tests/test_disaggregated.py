@@ -112,6 +112,25 @@ def test_chat_and_streaming_equal_merged(app, pd_app, model_name):
     assert _chat(pd_app.url, model_name, stream=True) == merged
 
 
+def _failed_prefill_legs(app) -> float:
+    metrics = urllib.request.urlopen(f"{app.url}/metrics", timeout=10).read().decode()
+    return metric_value(metrics, "yrllm_router_prefill_legs_total", outcome="failed") or 0
+
+
+def test_an_error_in_either_leg_is_the_answer_in_the_openai_envelope(pd_app, model_name):
+    failed_before = _failed_prefill_legs(pd_app)
+    # Longer than engine.max_model_len: the prefill engine refuses it, and no decode leg starts.
+    status, _, raw = call(pd_app.url, "POST", "/v1/completions",
+                          {"model": model_name, "prompt": LONG_PROMPT * 2, "max_tokens": 4})
+    assert status == 400 and json.loads(raw)["error"]["message"], raw
+    assert _failed_prefill_legs(pd_app) == failed_before + 1
+    # min_tokens above max_tokens: the prefill leg (which drops min_tokens) passes, the decode engine refuses.
+    status, _, raw = call(pd_app.url, "POST", "/v1/completions",
+                          {"model": model_name, "prompt": "hello", "max_tokens": 2, "min_tokens": 5})
+    assert status == 400 and "min_tokens" in json.loads(raw)["error"]["message"], raw
+    assert _failed_prefill_legs(pd_app) == failed_before + 1
+
+
 def _prefill_leg(pd_app, model_name: str, prompt: str) -> dict:
     """A prefill leg sent to the prefill replica itself: the decode leg's kv_transfer_params."""
     (prefill,) = urls(pd_app, "prefill")
