@@ -1,7 +1,7 @@
 """Disaggregated prefill/decode against merged serving: time to first token, time per output token and
 the KV handoff's transfer rate, side by side in one run, same model, same engines, same load.
 
-    python -m bench.pd [--requests 8] [--concurrency 2] [--prompt-tokens 1024] [--output-tokens 32]
+    python -m bench.pd [--requests 8] [--concurrency 2] [--prompt-tokens 1024] [--output-tokens 32] [--threads 0]
 
 Runs two Apps as users do (``python entrypoint.py``, each in its own process with its own data system
 worker) on the 0.5B demo shape in bfloat16: MERGED with two replicas, DISAGGREGATED with one prefill
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> dict:
     common = {"YRLLM_MODEL": str(model_dir), "YRLLM_ENGINE__DTYPE": "bfloat16",
               "YRLLM_ENGINE__MAX_MODEL_LEN": str(args.prompt_tokens + args.output_tokens + 64),
               "YRLLM_ENGINE__KV_CACHE_GIB": "1", "YRLLM_SUPERVISION__ENABLED": "false",
+              "YRLLM_ENGINE__THREADS": str(args.threads),
               # The handoff's KV must not be evicted before its decode leg reads it.
               "YRLLM_RUNTIME__DS_SHARED_MEMORY_MB": "4096"}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace) -> dict:
         time.sleep(2)  # one accounting interval: /status kv then covers every request above
         kv = status(urls["disaggregated"])["kv"]
         return {"rounds": rounds, "kv": kv, "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-                "concurrency": args.concurrency, "memcpy_gbps": round(memcpy_gbps(args.prompt_tokens * 12_288), 2),
+                "concurrency": args.concurrency, "threads": args.threads,
+                "memcpy_gbps": round(memcpy_gbps(args.prompt_tokens * 12_288), 2),
                 "cpus": os.cpu_count(), "model": "qwen2.5-0.5b shape (demo, random weights), bfloat16"}
     finally:
         for driver in drivers.values():
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="engine.threads of every engine (0: all cores)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     result = run(args)

@@ -30,7 +30,7 @@ def report(result: dict, out: Path, publish: bool) -> None:
         f"{len(result['rounds']['merged'])} rounds: {merged['requests'] // len(result['rounds']['merged'])} "
         f"streamed completions per round, {result['concurrency']} at a time, each with a {result['prompt_tokens']}-"
         f"token prompt of its own and {result['output_tokens']} generated tokens; measured by the client, "
-        "nothing else running.", "",
+        f"nothing else running. `engine.threads`: {result.get('threads') or 'all cores'} per engine.", "",
         "| | merged | disaggregated | disaggregated / merged |", "|---|---|---|---|",
         row("TTFT p50", "ttft_p50_s", 1, "s", 2),
         row("TTFT p90", "ttft_p90_s", 1, "s", 2),
