@@ -1,7 +1,7 @@
 """Disaggregated prefill/decode against merged serving: time to first token, time per output token and
 the KV handoff's transfer rate, side by side in one run, same model, same engines, same load.
 
-    python -m bench.pd [--requests 8] [--concurrency 2] [--prompt-tokens 1024] [--output-tokens 32] [--threads 0]
+    python -m bench.pd [--requests 8] [--concurrency 2] [--prompt-tokens 1024] [--output-tokens 32] [--threads 1]
 
 Runs two Apps as users do (``python entrypoint.py``, each in its own process with its own data system
 worker) on the 0.5B demo shape in bfloat16: MERGED with two replicas, DISAGGREGATED with one prefill
@@ -126,7 +126,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--output-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=0, help="engine.threads of every engine (0: all cores)")
+    # One thread per engine: each arm runs two engines on this machine's two cores, and with all cores
+    # each (engine.threads 0) two busy engines oversubscribe them, which decides the result (FINDINGS.md).
+    parser.add_argument("--threads", type=int, default=1, help="engine.threads of every engine (0: all cores)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     result = run(args)

@@ -44,12 +44,10 @@ def report(result: dict, out: Path, publish: bool) -> None:
         f"system calls); one prompt's KV is {handoff_mib:.0f} MiB, and memcpy of that size in one process runs "
         f"at {result['memcpy_gbps']:.2f} GB/s.",
         f"- **What this is on {result['cpus']} shared cores**: both arms run two engines on the same cores, so "
-        "disaggregation adds no compute. A request's TTFT in the disaggregated arm holds the prefill leg, its "
-        "stores, the Router's second leg, the decode engine's load and its one-token step. The decode pool "
-        "changes who waits for whom: its one engine batches every stream into each step and never stops "
-        "them for a prompt, while each merged engine decodes its own stream and interleaves the prompts it "
-        "is given; two merged engines busy at once also run 2 x `engine.threads` (all cores each) "
-        "OpenMP threads on the cores. That, not the data system, is where the time per output token differs.",
+        "disaggregation adds no compute. A disaggregated request's TTFT also holds the prefill leg, its "
+        "stores, the Router's second leg, the decode engine's load and its one-token step; its decode engine "
+        "batches every stream and is never stopped for a prompt, while each merged engine interleaves the "
+        "prompts it is given with its streams.",
         "- **On separate devices** (a prefill pool and a decode pool on accelerators of their own) prefill "
         "bursts no longer stall the decode streams, so TPOT stays flat under prompt load, and each pool is "
         "sized (and autoscaled) for its own work. The handoff then costs the data system's transfer rate "
