@@ -121,9 +121,9 @@ class BlockStore:
     def refresh(self, keys: Sequence[str]) -> None:
         """Restart the TTL of blocks that were just used. Best effort: a block that expired meanwhile
         is simply gone, and a data system that does not answer fails the next real call anyway."""
-        if not self._ttl_s:
+        client = self._client  # the blocks were just read through it; never reconnects, never raises
+        if not self._ttl_s or client is None:
             return
-        client = self._connected()
         for start in range(0, len(keys), _BATCH):
             try:
                 client.expire(list(keys[start:start + _BATCH]), self._ttl_s)
