@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yr
 
+from app.replica import Node
 from app.weights.cache import WeightCache as _WeightCache
 from app.weights.identity import WeightIdentity
 from app.weights.load_report import LoadReport, PlanKind
@@ -21,8 +22,8 @@ class WeightCache:
         self._cache = _WeightCache(ds_address, tier=tier, cpu_mode=cpu_mode, verify=verify,
                                    timeout_ms=timeout_ms, await_seed_s=await_seed_s)
 
-    def plan(self, identity: WeightIdentity, replica_id: str, report_path: Path) -> WeightPlan:
-        return self._cache.plan(identity, replica_id, report_path)
+    def plan(self, identity: WeightIdentity, replica_id: str, node: Node, report_path: Path) -> WeightPlan:
+        return self._cache.plan(identity, replica_id, node, report_path)
 
     def report(self, report: LoadReport) -> str | None:
         return self._cache.report(report)
@@ -36,8 +37,8 @@ class WeightCache:
     def retire(self, fingerprint: str) -> bool:
         return self._cache.retire(fingerprint)
 
-    def forget_all(self) -> int:
-        return self._cache.forget_all()
+    def forget_node(self, node: str) -> int:
+        return self._cache.forget_node(node)
 
     def clear(self) -> None:
         self._cache.clear()

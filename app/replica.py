@@ -40,9 +40,20 @@ class ReplicaInfo(BaseModel):
     replica_id: str
     role: Role = Role.MERGED
     state: ReplicaState
+    node: str | None = None  # the node (data system worker) it runs on
     url: str | None = None
     pid: int | None = None
     log: str | None = None  # the engine process's log file
     launcher: str | None = None  # how its EngineCore was started: fork or spawn
     core_pid: int | None = None  # its forked EngineCore (fork launcher)
     failure: str | None = None  # FAILED: why (the exit code and the engine's last log line)
+
+
+class Node(BaseModel):
+    """Where a replica runs, as the data system sees it: the worker its engine talks to. A cluster has
+    one per host; a local App has ``runtime.local_nodes`` of them on this host."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str  # node1, node2, ... in local mode; the worker's HOST:PORT in cluster mode
+    ds_address: str

@@ -222,6 +222,6 @@ def start_engine(app, model_dir, model_name, tmp_path, kind, fingerprint, ds_add
 def test_a_missing_weight_cache_means_disk_with_the_reason(app):
     from app.control.weight_client import WeightCacheClient
 
-    gone = WeightCacheClient(None, app._weights.identity, app._runtime.ds_address)  # the actor is gone
-    plan = gone.plan("r-x", Path("/tmp/r-x.json"))
+    gone = WeightCacheClient(None, app._weights.identity)  # the actor is gone
+    plan = gone.plan("r-x", app._runtime.nodes[0], Path("/tmp/r-x.json"))
     assert plan.kind is PlanKind.DISK and plan.reason.startswith("WeightCache unavailable")

@@ -1,4 +1,5 @@
-"""WeightCache: single-flight plans, seed failure hand-off, adoption, stats and freeing."""
+"""WeightCache: single-flight plans (per identity, and per node), seed failure hand-off, adoption, stats
+and freeing."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from app.replica import Node
 from app.weights.cache import WeightCache
 from app.weights.host_tier import HostTier
 from app.weights.identity import RankLayout, WeightIdentity, WeightKeys
@@ -22,12 +24,16 @@ def cache(ds_worker):
     cache.clear()
 
 
-def plan(cache, replica_id, identity=IDENTITY):
-    return cache.plan(identity, replica_id, Path(f"/tmp/{replica_id}.json"))
+NODE1, NODE2 = Node(name="node1", ds_address="127.0.0.1:7001"), Node(name="node2", ds_address="127.0.0.1:7002")
 
 
-def loaded(replica_id, kind, source=WeightSource.HOST, fallback=None, nbytes=1000):
-    return LoadReport(replica_id=replica_id, plan=kind, source=source, bytes=nbytes, fallback_reason=fallback)
+def plan(cache, replica_id, identity=IDENTITY, node=NODE1):
+    return cache.plan(identity, replica_id, node, Path(f"/tmp/{replica_id}.json"))
+
+
+def loaded(replica_id, kind, source=WeightSource.HOST, fallback=None, nbytes=1000, node="node1", fetched_from=None):
+    return LoadReport(replica_id=replica_id, plan=kind, source=source, bytes=nbytes, fallback_reason=fallback,
+                      node=node, fetched_from=fetched_from)
 
 
 def test_concurrent_plans_for_an_empty_cache_make_exactly_one_seed(cache):
@@ -100,13 +106,66 @@ def test_a_follower_of_a_failed_seed_retires_nothing(cache):
     assert cache.stats()["fallbacks"] == 1 and cache.stats()["retired"] == 0
 
 
-def test_forget_all_drops_entries_without_asking_the_data_system():
-    cache = WeightCache("127.0.0.1:1")  # nothing listens: forget_all must not call it
+def test_forget_node_drops_the_entries_it_was_home_to_without_asking_the_data_system():
+    cache = WeightCache("127.0.0.1:1")  # nothing listens: forget_node must not call it
     plan(cache, "s")
     cache.report(loaded("s", PlanKind.SEED, WeightSource.DISK))
-    assert cache.forget_all() == 1
+    assert cache.forget_node("node2") == 0  # holds no copy: nothing changes
+    assert cache.forget_node("node1") == 1
     assert cache.stats()["entries"] == [] and cache.stats()["retired"] == 1
     assert plan(cache, "s2").kind is PlanKind.SEED
+
+
+def test_the_first_replica_on_another_node_fetches_and_later_ones_map_its_copy(cache):
+    plan(cache, "s")
+    cache.report(loaded("s", PlanKind.SEED, WeightSource.DISK))
+    first = plan(cache, "f1", node=NODE2)
+    assert (first.kind, first.node, first.ds_address, first.fetch_from) == (PlanKind.MAP, "node2",
+                                                                              NODE2.ds_address, "node1")
+    assert (first.await_seed_s, first.await_fetch_s) == (0, 0)
+    waiting = plan(cache, "f2", node=NODE2)  # planned while f1 fetches: single-flight per node
+    assert (waiting.fetch_from, waiting.fetcher, waiting.await_fetch_s) == (None, "f1", 60)
+    cache.report(loaded("f1", PlanKind.MAP, node="node2", fetched_from="node1", nbytes=4096))
+    later = plan(cache, "f3", node=NODE2)
+    assert (later.fetch_from, later.fetcher, later.await_fetch_s) == (None, None, 0)
+    home = plan(cache, "f4")
+    assert (home.node, home.fetch_from, home.fetcher) == ("node1", None, None)
+    stats = cache.stats()
+    assert stats["fetches"] == 1 and stats["bytes_fetched"] == 4096
+    assert stats["entries"][0]["nodes"] == {"node1": "ready", "node2": "ready"} and stats["entries"][0]["home"] == "node1"
+
+
+def test_a_replica_planned_onto_a_new_node_while_the_seed_loads_awaits_the_seed_then_fetches(cache):
+    plan(cache, "s")
+    first = plan(cache, "f1", node=NODE2)
+    assert (first.fetch_from, first.await_seed_s, first.await_fetch_s) == ("node1", 60, 0)
+    second = plan(cache, "f2", node=NODE2)
+    assert (second.fetch_from, second.await_seed_s, second.fetcher) == (None, 60, "f1")
+
+
+def test_a_failed_fetch_retires_the_entry_and_a_fetcher_that_never_reported_is_marked(cache, ds_worker):
+    plan(cache, "s")
+    cache.report(loaded("s", PlanKind.SEED, WeightSource.DISK))
+    plan(cache, "f1", node=NODE2)
+    plan(cache, "f2", node=NODE2)
+    cache.abandon("f1")  # its engine never came up: whoever awaits its fetch must stop waiting
+    marker = WeightKeys(IDENTITY.fingerprint, RankLayout()).fetch_failed("node2", "f1")
+    assert HostTier(ds_worker.address).exists([marker]) == [True]
+    assert plan(cache, "f3", node=NODE2).fetch_from == "node1"  # node2 fetches again
+    reason = cache.report(loaded("f3", PlanKind.MAP, WeightSource.DISK, node="node2",
+                                 fallback="fetching from node1 onto node2 failed: RPC_RECV_TIMEOUT"))
+    assert reason == "f3 could not use it: fetching from node1 onto node2 failed: RPC_RECV_TIMEOUT"
+    assert cache.stats()["entries"] == [] and cache.stats()["fetches"] == 0
+    assert HostTier(ds_worker.address).exists([marker]) == [False]  # the retired entry's markers are freed
+
+
+def test_a_dead_node_loses_its_copies_and_fetches_again(cache):
+    plan(cache, "s")
+    cache.report(loaded("s", PlanKind.SEED, WeightSource.DISK))
+    plan(cache, "f1", node=NODE2)
+    cache.report(loaded("f1", PlanKind.MAP, node="node2", fetched_from="node1"))
+    assert cache.forget_node("node2") == 0  # not its home: the entry stays
+    assert plan(cache, "f2", node=NODE2).fetch_from == "node1"
 
 
 def test_different_identities_get_different_entries(cache):

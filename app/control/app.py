@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from app.config import AppConfig, AutoscaleConfig, ServingMode
+from app.config import AppConfig, AutoscaleConfig, RuntimeMode, ServingMode
 from app.control.autoscaler import Autoscaler
 from app.control.event_log import EventLog
 from app.control.kv_accounting import KVAccountant
@@ -25,7 +25,7 @@ from app.control.weight_client import WeightCacheClient
 from app.engine.pool import ENGINE_POOL
 from app.engine.spec import EngineSpec
 from app.kv.settings import ConnectorSettings
-from app.replica import Role
+from app.replica import Node, Role
 from app.runtime.openyuanrong import Runtime
 from app.weights.identity import WeightIdentity, content_digest
 from app.weights.load_report import PlanKind
@@ -94,7 +94,7 @@ class App:
             self._weights = self._start_weight_cache(self._identity)
         events = EventLog(self._router)
         self._scaler = Scaler(self._engine_spec, self._router, self._weights, self.config.router.drain_timeout_s,
-                              events, self.config.mode.roles)
+                              events, self._runtime.nodes, self.config.mode.roles)
         self._scale_requests = ScaleRequestServer(self._router, self._scaler)
         self._scale_requests.start()
         self.start_report = self._scaler.scale(self.config.pools)
@@ -120,9 +120,9 @@ class App:
         actor = WeightCache.options(yr.InvokeOptions(concurrency=16)).invoke(
             self._runtime.ds_address, weights.tier, PlanKind(weights.cpu_mode), VerifyMode(weights.verify),
             weights.timeout_ms, self.config.engine.start_timeout_s)
-        return WeightCacheClient(actor, identity, self._runtime.ds_address or "")
+        return WeightCacheClient(actor, identity)
 
-    def _engine_spec(self, replica_id: str, role: Role) -> EngineSpec:
+    def _engine_spec(self, replica_id: str, role: Role, node: Node | None = None) -> EngineSpec:
         spec = EngineSpec.from_config(self.config, replica_id=replica_id, model=self.model_dir,
                                       served_model_name=self.served_model_name, log_dir=self._log_dir, role=role)
         kv = self.config.kv
@@ -130,6 +130,8 @@ class App:
             spec = spec.model_copy(update={"kv_connector": ConnectorSettings(
                 ds_address=self._runtime.ds_address, fingerprint=self._identity.fingerprint,
                 journal=spec.kv_journal_path, timeout_ms=kv.timeout_ms, ttl_s=kv.ttl_s)})
+        if node is not None:
+            spec = spec.on_node(node).model_copy(update={"node_from_host": self._runtime.mode is RuntimeMode.CLUSTER})
         return spec
 
     def shutdown(self) -> None:
@@ -177,8 +179,10 @@ class App:
         return {"url": self.url if self.router_port else None, "model": self.served_model_name,
                 "model_dir": str(self.model_dir) if self.model_dir else None,
                 "runtime": self._runtime.mode.value, "runtime_ready_at": self._runtime.ready_at,
-                "ds_address": self._runtime.ds_address,
-                "ds_worker_pid": self._runtime.worker_pid, "logs": str(self._log_dir), **status}
+                "ds_address": self._runtime.ds_address, "ds_worker_pid": self._runtime.worker_pid,
+                "nodes": [{**node.model_dump(), "pid": self._runtime.node_pids().get(node.name)}
+                          for node in self._runtime.nodes],
+                "logs": str(self._log_dir), **status}
 
     # ---- scaling ---------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ MILESTONES = ("requested", "actor_up", "standby_taken", "core_forked", "weights_
 class ReplicaReport(BaseModel):
     replica_id: str
     role: Role = Role.MERGED
+    node: str | None = Field(None, description="The node (data system worker) it ran on.")
     action: Literal["added", "removed"]
     state: ReplicaState
     timeline: dict[str, float] = Field(default_factory=dict, description="Wall-clock time of each "
@@ -76,8 +77,8 @@ class ScaleReport(BaseModel):
         lines = [f"scale: {pools} replicas in {self.seconds:.2f} s" + ("" if self.ok else "  (with errors)")]
         for replica in self.replicas:
             marks = "  ".join(f"{mark} +{s:.2f}s" for mark, s in replica.seconds_since_requested().items())
-            lines.append(f"  {replica.replica_id:<6} {replica.role.value:<8} {replica.action:<8} "
-                         f"{replica.state.value:<8} {marks}")
+            lines.append(f"  {replica.replica_id:<6} {replica.role.value:<8} {replica.node or '':<6} "
+                         f"{replica.action:<8} {replica.state.value:<8} {marks}")
             if replica.launch is not None:
                 lines.append(f"         engine: {replica.launch.launcher.value} launcher"
                              + (f" ({replica.launch.reason})" if replica.launch.reason else ""))

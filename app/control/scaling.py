@@ -2,8 +2,9 @@
 
 Replicas come in pools, one per role: ``merged`` in merged mode, ``prefill`` and ``decode`` in
 disaggregated mode. A scaling sets the size of one or more pools (``targets``); the others keep theirs.
-Scale-out: per new replica, a weight plan from the WeightCache, a ``Prefill`` or ``Decode`` actor
-started with it, a first token, then the Router routes to it. New replicas start in parallel, whatever
+Scale-out: per new replica, a node (the one with the fewest replicas), a ``Prefill`` or ``Decode``
+actor there, a weight plan from the WeightCache for that node, the engine started with it, a first
+token, then the Router routes to it. New replicas start in parallel, whatever
 their role. Scale-in: the replica leaves the Router's pool, its in-flight requests finish (drain), then
 it stops. Every scaling answers with a ``ScaleReport``. The Scaler remembers the sizes last asked for
 (``desired``): the ``Supervisor`` takes failed replicas out (``fail``) and scales back to them.
@@ -21,13 +22,13 @@ from typing import Any, Callable, Mapping
 
 from app.config import MAX_REPLICAS
 from app.control.event_log import EventLog
+from app.control.placement import least_loaded
 from app.control.scale_report import PoolChange, ReplicaReport, ScaleReport
 from app.control.weight_client import WeightCacheClient
 from app.engine.spec import EngineSpec
 from app.events import EventKind
-from app.replica import ReplicaInfo, ReplicaState, Role
+from app.replica import Node, ReplicaInfo, ReplicaState, Role
 from app.weights.load_report import LoadReport
-from app.weights.plan import LOAD_FORMAT
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +51,11 @@ class _Replica:
 class Scaler:
     """Owns the replicas. ``scale`` waits for its turn; ``scale_if_idle`` does not (the autoscaler)."""
 
-    def __init__(self, new_spec: Callable[[str, Role], EngineSpec], router: Any, weights: WeightCacheClient | None,
-                 drain_timeout_s: float, events: EventLog, roles: tuple[Role, ...] = (Role.MERGED,)) -> None:
-        self._new_spec = new_spec  # (replica id, role) -> its EngineSpec
+    def __init__(self, new_spec: Callable[[str, Role, Node], EngineSpec], router: Any,
+                 weights: WeightCacheClient | None, drain_timeout_s: float, events: EventLog,
+                 nodes: list[Node], roles: tuple[Role, ...] = (Role.MERGED,)) -> None:
+        self._new_spec = new_spec  # (replica id, role, node) -> its EngineSpec
+        self._nodes = nodes  # where replicas go; in cluster mode an actor's host may choose another
         self._router = router
         self._weights = weights  # None: weights.enabled is off, vLLM's own loader
         self._drain_timeout_s = drain_timeout_s
@@ -148,7 +151,9 @@ class Scaler:
         reports = []
         if adds:
             with ThreadPoolExecutor(max_workers=len(adds), thread_name_prefix="scale-out") as pool:
-                reports = list(pool.map(self._add, adds))
+                with self._lock:
+                    placed = [r.info.node for r in self._replicas.values()]
+                reports = list(pool.map(self._add, adds, least_loaded(self._nodes, placed, len(adds))))
         for role, wanted in self.desired.items():
             reports += self._remove(role, before[role] - wanted)
         with self._lock:
@@ -161,7 +166,7 @@ class Scaler:
 
     # ---- scale-out -----------------------------------------------------------------------------------
 
-    def _add(self, role: Role) -> ReplicaReport:
+    def _add(self, role: Role, node: Node) -> ReplicaReport:
         import yr
 
         from actors.decode import Decode
@@ -170,23 +175,21 @@ class Scaler:
         requested = time.time()
         seq = next(self._seq)
         replica_id = f"{_ID_PREFIX[role]}{seq}"
-        spec = self._new_spec(replica_id, role)
-        if self._weights is not None:
-            plan = self._weights.plan(replica_id, spec.load_report_path)
-            spec = spec.model_copy(update={"load_format": LOAD_FORMAT,
-                                           "loader_extra_config": plan.model_dump(mode="json")})
+        spec = self._new_spec(replica_id, role, node)
         actor_class = Decode if role is Role.DECODE else Prefill
         actor = actor_class.options(yr.InvokeOptions(concurrency=4)).invoke(spec)
-        replica = _Replica(replica_id, actor, ReplicaInfo(replica_id=replica_id, role=role, state=ReplicaState.LOADING),
-                           seq)
+        replica = _Replica(replica_id, actor, ReplicaInfo(replica_id=replica_id, role=role, node=node.name,
+                                                          state=ReplicaState.LOADING), seq)
         with self._lock:
             self._replicas[replica_id] = replica
         self._publish()  # visible as loading in /status; routed to once ready
         error = None
         try:
+            node = yr.get(actor.node.invoke()) or node  # cluster mode: the actor's host may have its own
+            plan = self._weights.plan(replica_id, node, spec.load_report_path) if self._weights else None
             # No yr.get timeout: in local mode it returns None instead of raising. The engine host
             # enforces engine.start_timeout_s itself.
-            replica.info = yr.get(actor.start.invoke())
+            replica.info = yr.get(actor.start.invoke(plan))
             yr.get(actor.first_token.invoke())
         except Exception as exc:  # noqa: BLE001 - reported, and the replica is removed
             error = f"{type(exc).__name__}: {exc}"
@@ -208,8 +211,8 @@ class Scaler:
             with self._lock:
                 self._replicas.pop(replica_id, None)
         state = ReplicaState.FAILED if error is not None else replica.info.state
-        return ReplicaReport(replica_id=replica_id, role=role, action="added", state=state, timeline=timeline,
-                             launch=launch, weights=weights, error=error)
+        return ReplicaReport(replica_id=replica_id, role=role, node=replica.info.node, action="added", state=state,
+                             timeline=timeline, launch=launch, weights=weights, error=error)
 
     def _settle_weights(self, actor: Any, replica_id: str, failed: bool) -> LoadReport | None:
         import yr
@@ -247,7 +250,8 @@ class Scaler:
                 self._replicas.pop(replica.replica_id, None)
             self._publish()
             reports.append(ReplicaReport(
-                replica_id=replica.replica_id, role=role, action="removed", state=ReplicaState.STOPPED,
+                replica_id=replica.replica_id, role=role, node=replica.info.node, action="removed",
+                state=ReplicaState.STOPPED,
                 timeline={"requested": requested, "drained": drained_at, "stopped": time.time()},
                 error=None if drained else f"in-flight requests did not finish within "
                                            f"{self._drain_timeout_s:.0f} s"))

@@ -8,8 +8,9 @@
 - Either way ``Scaler.fail`` takes it out of the Router at once and kills what is left of it; then a
   replacement starts through the normal scale-out path (weights from the cache), back to the count
   last asked for. A replacement that fails is retried with exponential backoff.
-- Local mode: a data system worker that died is restarted at the same address, and the WeightCache
-  forgets the entries that died with it (the next replica seeds again). Cluster mode: the worker is
+- Local mode: a data system worker (a node's) that died is restarted at the same address, and the
+  WeightCache forgets what died with it: the entries that node was home to (the next replica seeds
+  again) and its copies of the others (the next replica there fetches again). Cluster mode: the worker is
   not ours; losing and regaining it is reported, and replicas fall back to disk while it is gone.
 
 Every event goes to the log, ``/status`` and ``/metrics`` (``EventLog``).
@@ -177,9 +178,9 @@ class Supervisor:
         if self._runtime.mode is RuntimeMode.LOCAL:
             if self._ds_restart is not None and self._ds_restart.is_alive():
                 return
-            code = self._runtime.worker_exit_code()
-            if code is not None:
-                self._ds_restart = threading.Thread(target=self._restart_worker, args=(code,),
+            dead = self._runtime.dead_nodes()
+            if dead:
+                self._ds_restart = threading.Thread(target=self._restart_workers, args=(dead,),
                                                     name="app-ds-restart", daemon=True)
                 self._ds_restart.start()
         elif time.monotonic() >= self._next_ds_probe_at:
@@ -193,22 +194,29 @@ class Supervisor:
                     f"{self._runtime.ds_address} accepts connections again" if reachable else
                     f"{self._runtime.ds_address} refuses connections; new replicas load from disk")
 
-    def _restart_worker(self, code: int) -> None:
+    def _restart_workers(self, dead: dict[str, int]) -> None:
+        for node, code in dead.items():
+            self._restart_worker(node, code)
+
+    def _restart_worker(self, node: str, code: int) -> None:
+        worker = DS_WORKER if len(self._runtime.nodes) == 1 else f"{node}'s worker"
         # Forget first: no replica may be planned onto objects that are gone.
-        dropped = self._weights.forget_all() if self._weights is not None else 0
+        dropped = self._weights.forget_node(node) if self._weights is not None else 0
         if self._kv is not None:
             self._kv.forget_all()
         self._events.record(EventKind.DS_WORKER_DIED, DS_WORKER,
-                            f"exited with code {code}; {dropped} cached weight entries died with it "
+                            f"{worker} exited with code {code}; {dropped} cached weight entries died with it "
                             f"(serving replicas keep their mapped weights)")
         try:
-            seconds = self._runtime.restart_worker()
+            seconds = self._runtime.restart_node(node)
         except Exception as exc:  # noqa: BLE001 - reported; replicas then load from disk
             self._events.record(EventKind.DS_WORKER_RESTART_FAILED, DS_WORKER,
-                                f"{exc}; new replicas load from disk")
+                                f"{worker}: {exc}; new replicas there load from disk")
             return
+        address = next(n.ds_address for n in self._runtime.nodes if n.name == node)
         self._events.record(EventKind.DS_WORKER_RESTARTED, DS_WORKER,
-                            f"at {self._runtime.ds_address} in {seconds:.1f} s; the next replica seeds again")
+                            f"{worker} at {address} in {seconds:.1f} s; the next replica there seeds or "
+                            f"fetches again")
 
 
 def _last_line(error: BaseException | None) -> str | None:

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from app.replica import Node
 from app.weights.identity import WeightIdentity
 from app.weights.load_report import LoadReport, PlanKind
 from app.weights.plan import WeightPlan
@@ -16,20 +17,19 @@ logger = logging.getLogger(__name__)
 
 
 class WeightCacheClient:
-    def __init__(self, actor: Any, identity: WeightIdentity, ds_address: str) -> None:
+    def __init__(self, actor: Any, identity: WeightIdentity) -> None:
         self.actor = actor  # the WeightCache actor's handle
         self.identity = identity
-        self._ds_address = ds_address
 
-    def plan(self, replica_id: str, report_path: Path) -> WeightPlan:
+    def plan(self, replica_id: str, node: Node, report_path: Path) -> WeightPlan:
         import yr
 
         try:
-            return yr.get(self.actor.plan.invoke(self.identity, replica_id, report_path))
+            return yr.get(self.actor.plan.invoke(self.identity, replica_id, node, report_path))
         except Exception as exc:  # noqa: BLE001 - the replica still starts, from disk
             logger.warning("the WeightCache could not plan %s (%s); it loads from disk", replica_id, exc)
             return WeightPlan(kind=PlanKind.DISK, replica_id=replica_id, fingerprint=self.identity.fingerprint,
-                              ds_address=self._ds_address, report_path=report_path,
+                              node=node.name, ds_address=node.ds_address, report_path=report_path,
                               reason=f"WeightCache unavailable: {type(exc).__name__}: {exc}")
 
     def settle(self, replica_id: str, report: LoadReport | None, failed: bool) -> str | None:
@@ -47,12 +47,13 @@ class WeightCacheClient:
             logger.exception("could not report %s's weight load to the WeightCache", replica_id)
             return None
 
-    def forget_all(self) -> int:
-        """The data system worker died with every cached object: drop the entries (the next replica
-        seeds again). Returns how many were dropped."""
+    def forget_node(self, node: str) -> int:
+        """The data system worker of ``node`` died with the objects it held: drop the entries it was
+        home to and its copies of others (the next replica seeds or fetches again). Returns how many
+        entries were dropped."""
         import yr
 
-        return yr.get(self.actor.forget_all.invoke())
+        return yr.get(self.actor.forget_node.invoke(node))
 
     def release(self, replica_id: str) -> None:
         import yr

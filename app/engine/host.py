@@ -25,6 +25,7 @@ from app.kv.journal import SIDES, JournalReader
 from app.replica import ReplicaInfo, ReplicaState
 from app.runtime.processes import ChildProcess, free_port, is_live_child
 from app.weights.load_report import LoadReport
+from app.weights.plan import WeightPlan
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class EngineHost:
                 self._state, self._failure = ReplicaState.FAILED, failure
         launch = self._launch or (self.launch_report() if self._process is not None else None)
         return ReplicaInfo(replica_id=self._spec.replica_id, role=self._spec.role, state=self._state,
+                           node=self._spec.node.name if self._spec.node else None,
                            url=self._spec.url if self._state is ReplicaState.READY else None,
                            pid=self._process.pid if self._process else None,
                            log=str(self._process.log_file) if self._process else None,
@@ -83,10 +85,13 @@ class EngineHost:
             return f"its EngineCore (pid {core_pid}) exited; the engine server goes down with it"
         return None
 
-    def start(self) -> ReplicaInfo:
+    def start(self, plan: WeightPlan | None = None) -> ReplicaInfo:
+        """``plan``: how the WeightCache says to load the weights; None leaves the spec's load format."""
         with self._lock:
             if self._state is not ReplicaState.PENDING:
                 raise RuntimeError(f"replica {self._spec.replica_id} is {self._state.value}, not pending")
+            if plan is not None:
+                self._spec = self._spec.with_weights(plan)
             port = self._spec.port or free_port(self._spec.host)
             self._spec = self._spec.model_copy(update={"port": port})
             self._state = ReplicaState.LOADING

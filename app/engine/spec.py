@@ -12,7 +12,8 @@ from app.config import AppConfig, RuntimeMode
 from app.engine.launch_report import Launcher
 from app.engine.preimports import CACHE_DIR_ENV
 from app.kv.settings import ConnectorSettings
-from app.replica import Role
+from app.replica import Node, Role
+from app.weights.plan import LOAD_FORMAT, WeightPlan
 
 
 class EngineSpec(BaseModel):
@@ -41,6 +42,8 @@ class EngineSpec(BaseModel):
     launcher: Launcher = Launcher.FORK
     cache_dir: Path | None = None  # where engine processes record the modules a start imports
     kv_connector: ConnectorSettings | None = None  # None: no KV blocks through the data system
+    node: Node | None = None  # the data system worker this engine uses for weights and KV blocks
+    node_from_host: bool = False  # cluster mode: the engine actor's host names its worker (DS_WORKER_ADDR)
 
     @classmethod
     def from_config(cls, config: AppConfig, *, replica_id: str, model: Path, served_model_name: str,
@@ -55,6 +58,15 @@ class EngineSpec(BaseModel):
                    # Standbys help where engine actors share a process: local mode.
                    standby_processes=engine.standby_processes
                    if config.runtime.resolved_mode is RuntimeMode.LOCAL else 0)
+
+    def on_node(self, node: Node) -> "EngineSpec":
+        """This spec on ``node``: its KV blocks go through that node's worker too."""
+        kv = self.kv_connector.model_copy(update={"ds_address": node.ds_address}) if self.kv_connector else None
+        return self.model_copy(update={"node": node, "kv_connector": kv})
+
+    def with_weights(self, plan: WeightPlan) -> "EngineSpec":
+        """This spec loading its weights as ``plan`` says, with our load format."""
+        return self.model_copy(update={"load_format": LOAD_FORMAT, "loader_extra_config": plan.model_dump(mode="json")})
 
     def server_args(self) -> list[str]:
         """The ``vllm serve`` flags for this engine."""

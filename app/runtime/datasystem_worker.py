@@ -3,6 +3,9 @@
 We run the ``datasystem_worker`` binary ourselves, in the foreground, instead of through ``dscli``:
 ``dscli`` daemonises it, and a daemon is exactly the orphan the App must never leave behind. The
 flags are the ones ``dscli start`` passes, with every path pinned under the worker's home.
+
+Several workers form one cluster without etcd: the first runs the metastore, the others join it
+(``metastore=`` its address). A value put through one worker is then readable through any other.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Mapping
 
 from app.runtime.processes import ChildProcess, free_port, port_open
 
@@ -27,13 +31,18 @@ def _package_dir() -> Path:
 class DataSystemWorker:
     """Start with ``start()``, stop with ``stop()`` (idempotent). The address is ``host:port``."""
 
-    def __init__(self, shared_memory_mb: int, home: Path | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, shared_memory_mb: int, home: Path | None = None, host: str = "127.0.0.1",
+                 metastore: str | None = None, flags: Mapping[str, str] | None = None) -> None:
+        """``metastore``: the address of the cluster's metastore to join; None runs it in this worker.
+        ``flags``: further worker flags (``name: value``, without dashes)."""
         self._shared_memory_mb = shared_memory_mb
         self._owns_home = home is None
         self._home = home
         self.host = host
         self.port: int | None = None
-        self._metastore_port: int | None = None
+        self._joins = metastore
+        self.metastore_address: str | None = metastore
+        self._flags = dict(flags or {})
         self._process: ChildProcess | None = None
 
     @property
@@ -51,7 +60,9 @@ class DataSystemWorker:
         return self._process.poll() if self._process else None
 
     def start(self, timeout_s: float = 60.0) -> str:
-        self.port, self._metastore_port = free_port(self.host), free_port(self.host)
+        self.port = free_port(self.host)
+        if self._joins is None:
+            self.metastore_address = f"{self.host}:{free_port(self.host)}"
         return self._launch(timeout_s)
 
     def restart(self, timeout_s: float = 60.0) -> str:
@@ -75,8 +86,8 @@ class DataSystemWorker:
         package = _package_dir()
         flags = {
             "worker_address": f"{self.host}:{self.port}",
-            "metastore_address": f"{self.host}:{self._metastore_port}",
-            "start_metastore_service": "true",
+            "metastore_address": self.metastore_address,
+            "start_metastore_service": "false" if self._joins else "true",
             "shared_memory_size_mb": str(self._shared_memory_mb),
             "log_dir": state / "logs",
             "rocksdb_store_dir": state / "rocksdb",
@@ -85,6 +96,7 @@ class DataSystemWorker:
             "health_check_path": state / "probe" / "healthy",
             "monitor_config_file": state / "config" / "datasystem.config",
             "client_reconnect_wait_s": "5",
+            **self._flags,
         }
         started = time.monotonic()
         self._process = ChildProcess(

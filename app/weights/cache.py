@@ -6,6 +6,11 @@ that seed is loading is told to await it (its engine starts in parallel and its 
 seed's manifest), then maps or pulls. Exactly one cold load per identity, and the followers' process
 start-up overlaps the seed's load instead of queueing behind it.
 
+Entries know their copies per node (data system worker). The seed's node is the entry's *home*. The
+first replica on another node is planned to *fetch*: it reads the weights across through its own
+worker, which keeps a copy, and maps that. Replicas planned onto that node while it fetches await its
+copy (single-flight per node), and every later one maps the local copy: one transfer per node.
+
 The cache owns the entries, not the engines: host-tier objects in the data system outlive the engine
 that published them, so the seed replica can be scaled in and the cache stays. Entries are freed on
 ``retire`` and ``clear`` (App shutdown), and when they cannot serve: a replica planned to map or pull a
@@ -24,6 +29,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from app.replica import Node
 from app.weights.host_tier import HostTier, TierError
 from app.weights.identity import RankLayout, WeightIdentity, WeightKeys
 from app.weights.load_report import LoadReport, PlanKind, WeightSource
@@ -38,13 +44,33 @@ class EntryState(str, Enum):
     READY = "ready"  # complete in the data system; replicas map or pull it
 
 
+class CopyState(str, Enum):
+    """One node's copy of an entry."""
+
+    SEEDING = "seeding"  # the home node: its seed is loading from disk
+    FETCHING = "fetching"  # the first replica on this node reads the weights across
+    READY = "ready"  # this node's worker holds them
+
+
+@dataclass
+class NodeCopy:
+    state: CopyState
+    by: str  # the replica that seeds or fetches it
+
+
 @dataclass
 class CacheEntry:
     identity: WeightIdentity
-    state: EntryState
     seed_replica: str
+    home: str  # the seed's node: the one that published, where other nodes fetch from
+    copies: dict[str, NodeCopy] = field(default_factory=dict)  # node name -> its copy
     readers: set[str] = field(default_factory=set)
+    fetchers: dict[str, str] = field(default_factory=dict)  # every replica planned to fetch -> its node
     bytes: int = 0
+
+    @property
+    def state(self) -> EntryState:
+        return EntryState.READY if self.copies[self.home].state is CopyState.READY else EntryState.SEEDING
 
 
 class CacheStats(BaseModel):
@@ -53,6 +79,8 @@ class CacheStats(BaseModel):
     fallbacks: int = 0  # replicas that were planned to map/pull but loaded from disk
     retired: int = 0  # entries freed because they could not serve, or died with the data system
     bytes_served: int = 0  # weight bytes replicas took from the data system
+    fetches: int = 0  # replicas that brought a node its first copy, across nodes
+    bytes_fetched: int = 0  # weight bytes those fetches read across nodes
 
 
 class WeightCache:
@@ -75,25 +103,38 @@ class WeightCache:
         self._lock = threading.Lock()
         self._tier: HostTier | None = None
 
-    def plan(self, identity: WeightIdentity, replica_id: str, report_path: Path) -> WeightPlan:
+    def plan(self, identity: WeightIdentity, replica_id: str, node: Node, report_path: Path) -> WeightPlan:
         fingerprint = identity.fingerprint
+        fetch_from, fetcher, await_seed_s, await_fetch_s = None, None, 0.0, 0.0
         with self._lock:
             entry = self._entries.get(fingerprint)
             if entry is None:
-                entry = self._entries[fingerprint] = CacheEntry(identity, EntryState.SEEDING, replica_id)
+                entry = self._entries[fingerprint] = CacheEntry(identity, replica_id, home=node.name)
+                entry.copies[node.name] = NodeCopy(CopyState.SEEDING, replica_id)
                 self._stats.misses += 1
-                kind, await_s = PlanKind.SEED, 0.0
+                kind = PlanKind.SEED
             else:
                 self._stats.hits += 1
                 entry.readers.add(replica_id)
                 # Device objects are pulled device to device; only host memory can be mapped.
                 kind = self._cpu_mode if self._tier_name == "host" else PlanKind.PULL
-                await_s = self._await_seed_s if entry.state is EntryState.SEEDING else 0.0
+                if entry.state is EntryState.SEEDING:
+                    await_seed_s = self._await_seed_s
+                copy = entry.copies.get(node.name)
+                if copy is None:  # the first replica on this node brings the copy
+                    entry.copies[node.name] = NodeCopy(CopyState.FETCHING, replica_id)
+                    entry.fetchers[replica_id] = node.name
+                    fetch_from = entry.home
+                elif copy.state is CopyState.FETCHING:
+                    fetcher, await_fetch_s = copy.by, self._await_seed_s
             self._planned[replica_id] = entry
-        logger.info("weight plan for %s: %s%s", replica_id, kind.value, " (awaiting the seed)" if await_s else "")
+        how = kind.value + (f" after fetching from {fetch_from}" if fetch_from else "")
+        waits = " (awaiting the seed)" if await_seed_s else f" (awaiting {fetcher}'s fetch)" if fetcher else ""
+        logger.info("weight plan for %s on %s: %s%s", replica_id, node.name, how, waits)
         return WeightPlan(kind=kind, replica_id=replica_id, fingerprint=fingerprint, tier=self._tier_name,
-                          ds_address=self._ds_address, verify=self._verify, timeout_ms=self._timeout_ms,
-                          await_seed_s=await_s, report_path=report_path)
+                          node=node.name, ds_address=node.ds_address, fetch_from=fetch_from, verify=self._verify,
+                          timeout_ms=self._timeout_ms, await_seed_s=await_seed_s, await_fetch_s=await_fetch_s,
+                          fetcher=fetcher, report_path=report_path)
 
     def report(self, report: LoadReport) -> str | None:
         """Record how a planned replica's load went. Returns why the entry was retired, if this report
@@ -106,17 +147,26 @@ class WeightCache:
                 self._stats.fallbacks += 1
             elif follower:
                 self._stats.bytes_served += report.bytes
+            if report.fetched_from is not None:
+                self._stats.fetches += 1
+                self._stats.bytes_fetched += report.bytes
             entry = self._current_locked(report.replica_id)
             if entry is None:  # retired, abandoned or forgotten since this replica was planned
                 return None
             fingerprint = entry.identity.fingerprint
             if not follower:
                 if report.fallback_reason is None:
-                    entry.state, entry.bytes = EntryState.READY, report.bytes
+                    entry.copies[entry.home].state, entry.bytes = CopyState.READY, report.bytes
                     entry.readers.add(report.replica_id)
                 else:
                     self._abandon_locked(fingerprint, entry)
                 return None
+            copy = entry.copies.get(report.node or "")
+            if copy is not None and copy.by == report.replica_id and copy.state is CopyState.FETCHING:
+                if report.source is not WeightSource.DISK:
+                    copy.state = CopyState.READY
+                else:
+                    del entry.copies[report.node or ""]  # the next replica on that node fetches again
             if report.source is not WeightSource.DISK or entry.state is not EntryState.READY:
                 return None  # served; or its seed failed: abandoned, or about to be
             del self._entries[fingerprint]
@@ -136,8 +186,14 @@ class WeightCache:
                 return
             if entry.state is EntryState.SEEDING and entry.seed_replica == replica_id:
                 self._abandon_locked(entry.identity.fingerprint, entry)
-            else:
-                entry.readers.discard(replica_id)
+                return
+            entry.readers.discard(replica_id)
+            stalled = [name for name, copy in entry.copies.items()
+                       if copy.by == replica_id and copy.state is CopyState.FETCHING]
+            for name in stalled:
+                del entry.copies[name]
+        if stalled:  # its node fetches again with the next replica; those waiting for it stop now
+            self._mark_fetch_failed(entry, replica_id)
 
     def release(self, replica_id: str) -> None:
         """A replica stopped; the entry stays (the cache, not the replica, owns it)."""
@@ -157,14 +213,18 @@ class WeightCache:
         self._delete_objects(entry)
         return True
 
-    def forget_all(self) -> int:
-        """Drop every entry without touching the data system: the worker that held them died, and a
-        fresh one holds nothing. Returns how many entries were dropped."""
+    def forget_node(self, node: str) -> int:
+        """The worker of ``node`` died, and a fresh one holds nothing: drop the entries it was home to
+        (their objects are gone, and the other nodes' copies with them) and its copies of the others,
+        without touching the data system. Returns how many entries were dropped."""
         with self._lock:
-            dropped = len(self._entries)
-            self._entries.clear()
-            self._stats.retired += dropped
-        return dropped
+            homed = [fp for fp, entry in self._entries.items() if entry.home == node]
+            for fingerprint in homed:
+                del self._entries[fingerprint]
+            for entry in self._entries.values():
+                entry.copies.pop(node, None)
+            self._stats.retired += len(homed)
+        return len(homed)
 
     def clear(self) -> None:
         for fingerprint in list(self._entries):
@@ -173,7 +233,8 @@ class WeightCache:
     def stats(self) -> dict[str, object]:
         with self._lock:
             return {**self._stats.model_dump(), "entries": [
-                {"fingerprint": fp, "state": e.state.value, "seed_replica": e.seed_replica,
+                {"fingerprint": fp, "state": e.state.value, "seed_replica": e.seed_replica, "home": e.home,
+                 "nodes": {name: copy.state.value for name, copy in e.copies.items()},
                  "readers": sorted(e.readers), "bytes": e.bytes} for fp, e in self._entries.items()]}
 
     def _current_locked(self, replica_id: str) -> CacheEntry | None:
@@ -195,6 +256,14 @@ class WeightCache:
                 logger.warning("could not mark the failed seed of %s: %s", fingerprint, exc)
         self._delete_objects(entry, keep_tombstones=True)
 
+    def _mark_fetch_failed(self, entry: CacheEntry, fetcher: str) -> None:
+        for layout in _layouts(entry.identity):
+            marker = WeightKeys(entry.identity.fingerprint, layout).fetch_failed(entry.fetchers[fetcher], fetcher)
+            try:
+                self._host().put([(marker, memoryview(b"1"))])
+            except TierError as exc:
+                logger.warning("could not mark %s's failed fetch: %s", fetcher, exc)
+
     def _delete_objects(self, entry: CacheEntry, keep_tombstones: bool = False) -> None:
         fingerprint = entry.identity.fingerprint
         for layout in _layouts(entry.identity):
@@ -204,6 +273,8 @@ class WeightCache:
                 doomed = keys.tensors(len(manifest.tensors)) + [keys.manifest]
             except (TierError, ValueError):
                 doomed = [keys.manifest]  # no complete entry: nothing else is findable
+            doomed += [marker for fetcher, node in entry.fetchers.items()
+                       for marker in (keys.landed(node, fetcher), keys.fetch_failed(node, fetcher))]
             if not keep_tombstones:
                 doomed.append(keys.abandoned)
             try:

@@ -112,8 +112,22 @@ class WeightKeys:
         """Set by the WeightCache when the seed failed, so replicas awaiting it stop waiting."""
         return f"{self.prefix}_abandoned"
 
+    def landed(self, node: str, fetcher: str) -> str:
+        """Set by ``fetcher``, the first replica on ``node``, once that node's worker holds a copy: the
+        replicas planned onto the node meanwhile stop waiting and map it."""
+        return check_key(f"{self.prefix}_on_{_key_part(node)}_by_{fetcher}")
+
+    def fetch_failed(self, node: str, fetcher: str) -> str:
+        """Set when ``fetcher`` could not bring a copy onto ``node``: the replicas waiting for it stop."""
+        return check_key(f"{self.prefix}_on_{_key_part(node)}_failed_{fetcher}")
+
     def tensor(self, index: int) -> str:
         return check_key(f"{self.prefix}_t{index}")
 
     def tensors(self, count: int) -> list[str]:
         return [self.tensor(index) for index in range(count)]
+
+
+def _key_part(node: str) -> str:
+    """A node's name as a key part: a cluster node is named by its worker's address, and keys take no '.'."""
+    return node.replace(".", "-")

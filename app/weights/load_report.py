@@ -29,6 +29,9 @@ class LoadReport(BaseModel):
     replica_id: str
     plan: PlanKind
     source: WeightSource
+    node: str | None = Field(None, description="The node (data system worker) the replica used.")
+    fetched_from: str | None = Field(None, description="The node the weights were read across from, when "
+                                     "this replica brought the first copy onto its node.")
     parameters: int = Field(0, description="Parameters filled.")
     bytes: int = Field(0, description="Weight bytes filled.")
     seconds: float = Field(0.0, description="Time to fill every parameter (and publish, for a seed).")
@@ -43,10 +46,15 @@ class LoadReport(BaseModel):
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
-        text = (f"plan {self.plan.value}, from {self.source.value}: {self.parameters} params, "
+        origin = self.source.value + (f" on {self.node}" if self.node and self.source is not WeightSource.DISK
+                                      else "")
+        if self.fetched_from:
+            origin += f" (fetched from {self.fetched_from})"
+        text = (f"plan {self.plan.value}, from {origin}: {self.parameters} params, "
                 f"{self.bytes / 1e6:.1f} MB in {self.seconds:.3f} s ({self.gbps:.2f} GB/s)")
         if self.waited_seconds:
-            text += f", after waiting {self.waited_seconds:.2f} s for the seed"
+            text += f", after waiting {self.waited_seconds:.2f} s for " + ("the seed" if not self.node else
+                                                                           f"the copy on {self.node}")
         if self.publish_seconds is not None:
             text += f", published in {self.publish_seconds:.3f} s"
         if self.fallback_reason:
