@@ -136,3 +136,12 @@ def test_disaggregated_pools_and_the_original_case_variables():
 def test_pools_that_do_not_fit_the_mode_are_errors(env, message):
     with pytest.raises(ConfigError, match=message):
         AppConfig.load(env=env)
+
+
+def test_local_nodes_are_for_local_mode_only():
+    assert AppConfig.load(env={}, overrides={"runtime.local_nodes": 3}).runtime.local_nodes == 3
+    with pytest.raises(ConfigError, match="runtime.local_nodes is for local mode"):
+        AppConfig.load(env={"YR_SERVER_ADDRESS": "10.0.0.1:31222", "DS_WORKER_ADDR": "10.0.0.1:31501"},
+                       overrides={"runtime.local_nodes": 2})
+    with pytest.raises(ConfigError, match="local_nodes"):
+        AppConfig.load(env={}, overrides={"runtime.local_nodes": 0})
