@@ -8,6 +8,7 @@
 #   make kv      - prefix reuse through the data system, with and without the KV connector; writes
 #                  bench/out/kv.*
 #   make pd      - disaggregated prefill/decode against merged serving; writes bench/out/pd.*
+#   make nodes   - weights across simulated nodes: fetch, map, fan-out; writes bench/out/nodes.*
 # Both create .venv and install the pinned stack on first use (and again when a requirements file or
 # pyproject.toml changes).
 
@@ -15,7 +16,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench traffic chaos kv pd clean
+.PHONY: serve test bench traffic chaos kv pd nodes clean
 
 serve: $(STAMP)
 	$(VENV)/bin/python entrypoint.py $(ARGS)
@@ -40,6 +41,9 @@ kv: $(STAMP)
 
 pd: $(STAMP)
 	$(VENV)/bin/python -m bench.pd $(ARGS)
+
+nodes: $(STAMP)
+	$(VENV)/bin/python -m bench.nodes $(ARGS)
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

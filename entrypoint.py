@@ -31,6 +31,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, object]]:
         "--dtype": ("engine.dtype", str, "auto, float32, bfloat16 or float16."),
         "--max-model-len": ("engine.max_model_len", int, "Context length."),
         "--kv-cache-gib": ("engine.kv_cache_gib", float, "CPU KV cache per engine in GiB (fractions allowed)."),
+        "--local-nodes": ("runtime.local_nodes", int, "Local mode: simulated nodes, one data system worker "
+                          "each, in one cluster; replicas spread over them (default 1)."),
         "--log-level": ("log_level", str, "DEBUG, INFO, WARNING or ERROR."),
     }
     for flag, (_, kind, help_text) in flags.items():

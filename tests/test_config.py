@@ -145,3 +145,10 @@ def test_local_nodes_are_for_local_mode_only():
                        overrides={"runtime.local_nodes": 2})
     with pytest.raises(ConfigError, match="local_nodes"):
         AppConfig.load(env={}, overrides={"runtime.local_nodes": 0})
+
+
+def test_the_entrypoint_takes_the_number_of_local_nodes():
+    from entrypoint import parse_args
+
+    _, overrides = parse_args(["--local-nodes", "3"])
+    assert AppConfig.load(env={}, overrides=overrides).runtime.local_nodes == 3

@@ -32,16 +32,16 @@ class DataSystemWorker:
     """Start with ``start()``, stop with ``stop()`` (idempotent). The address is ``host:port``."""
 
     def __init__(self, shared_memory_mb: int, home: Path | None = None, host: str = "127.0.0.1",
-                 metastore: str | None = None, flags: Mapping[str, str] | None = None) -> None:
-        """``metastore``: the address of the cluster's metastore to join; None runs it in this worker.
-        ``flags``: further worker flags (``name: value``, without dashes)."""
+                 metastore: "DataSystemWorker | None" = None, flags: Mapping[str, str] | None = None) -> None:
+        """``metastore``: the worker whose metastore this one joins (started first); None runs the
+        metastore in this worker. ``flags``: further worker flags (``name: value``, without dashes)."""
         self._shared_memory_mb = shared_memory_mb
         self._owns_home = home is None
         self._home = home
         self.host = host
         self.port: int | None = None
         self._joins = metastore
-        self.metastore_address: str | None = metastore
+        self.metastore_address: str | None = None
         self._flags = dict(flags or {})
         self._process: ChildProcess | None = None
 
@@ -63,6 +63,10 @@ class DataSystemWorker:
         self.port = free_port(self.host)
         if self._joins is None:
             self.metastore_address = f"{self.host}:{free_port(self.host)}"
+        elif self._joins.metastore_address is None:
+            raise RuntimeError("the worker running the metastore must be started first")
+        else:
+            self.metastore_address = self._joins.metastore_address
         return self._launch(timeout_s)
 
     def restart(self, timeout_s: float = 60.0) -> str:
