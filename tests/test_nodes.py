@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import greedy, leftovers, test_cache_dir
+from conftest import LONG_PROMPT, complete, greedy, leftovers, test_cache_dir
 from test_healing import events, wait_for
 
 from app.engine.host import EngineHost
@@ -91,8 +91,12 @@ def test_the_first_replica_on_node2_fetches_the_weights_once_and_answers_like_th
         assert greedy(replica["url"], nodes_app.served_model_name) == seed_tokens, replica["replica_id"]
 
 
-def test_replicas_map_the_memory_of_their_own_nodes_worker(nodes_app):
+def test_replicas_use_only_their_own_nodes_worker_for_weights_and_kv_blocks(nodes_app):
     status = nodes_app.status()
+    for replica in status["replicas"]:  # a prompt of full blocks: each engine stores them through its worker
+        complete(replica["url"], nodes_app.served_model_name, f"# {replica['replica_id']}\n{LONG_PROMPT}",
+                 max_tokens=1)
+    wait_for(lambda: nodes_app.status()["kv"]["blocks_stored"] >= 3 * len(status["replicas"]), "the blocks stored")
     memory = {n["name"]: datasystem_memory(n["pid"]) for n in status["nodes"]}
     assert memory["node1"] and memory["node2"] and not memory["node1"] & memory["node2"]
     for replica in status["replicas"]:

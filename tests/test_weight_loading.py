@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,9 +15,12 @@ from torch import nn
 from app.runtime.datasystem_worker import DataSystemWorker
 from app.weights.host_tier import HostTier, TierError
 from app.weights.identity import RankLayout, WeightKeys
+from app.weights.load_report import PlanKind
 from app.weights.manifest import VerifyMode
+from app.weights.plan import WeightPlan
 
 loader = pytest.importorskip("app.weights.loader")  # imports vLLM, as in an engine
+rendezvous = pytest.importorskip("app.weights.rendezvous")
 FP32 = SimpleNamespace(dtype=torch.float32)
 
 
@@ -95,17 +99,41 @@ def test_awaiting_a_seed_returns_when_it_publishes_and_stops_when_it_fails(tier)
     keys = WeightKeys("a6" * 16, RankLayout())
     publisher = threading.Timer(0.5, lambda: publish(tier, "a6" * 16))
     publisher.start()
-    waited = loader._await_seed(tier, keys, timeout_s=30)
+    waited = rendezvous.await_seed(tier, keys, timeout_s=30)
     publisher.join()
     assert 0.3 < waited < 10
     failed = WeightKeys("a7" * 16, RankLayout())
     tier.put([(failed.abandoned, memoryview(b"1"))])
     started = time.monotonic()
     with pytest.raises(TierError, match="seed replica failed"):
-        loader._await_seed(tier, failed, timeout_s=30)
+        rendezvous.await_seed(tier, failed, timeout_s=30)
     assert time.monotonic() - started < 5
     with pytest.raises(TierError, match="did not publish"):
-        loader._await_seed(tier, WeightKeys("a8" * 16, RankLayout()), timeout_s=0.3)
+        rendezvous.await_seed(tier, WeightKeys("a8" * 16, RankLayout()), timeout_s=0.3)
+
+
+def test_awaiting_a_nodes_fetch_returns_when_it_lands_and_stops_when_it_fails_or_the_entry_goes(tier):
+    fingerprint = "b1" * 16
+    keys = publish(tier, fingerprint)[1]
+
+    def waiting_for(fetcher: str, timeout_s: float = 30) -> WeightPlan:
+        return WeightPlan(kind=PlanKind.MAP, replica_id="r9", fingerprint=fingerprint, node="node2",
+                          ds_address="127.0.0.1:1", fetcher=fetcher, await_fetch_s=timeout_s,
+                          report_path=Path("/tmp/r9.json"))
+
+    landing = threading.Timer(0.5, lambda: tier.put([(keys.landed("node2", "r2"), memoryview(b"1"))]))
+    landing.start()
+    waited = rendezvous.await_fetch(tier, keys, waiting_for("r2"))
+    landing.join()
+    assert 0.3 < waited < 10
+    tier.put([(keys.fetch_failed("node2", "r3"), memoryview(b"1"))])
+    with pytest.raises(TierError, match="r3 could not fetch the weights onto node2$"):
+        rendezvous.await_fetch(tier, keys, waiting_for("r3"))
+    with pytest.raises(TierError, match="did not fetch the weights onto node2 within"):
+        rendezvous.await_fetch(tier, keys, waiting_for("r4", timeout_s=0.3))
+    tier.delete([keys.manifest])  # the WeightCache retired the entry
+    with pytest.raises(TierError, match="and the entry was retired"):
+        rendezvous.await_fetch(tier, keys, waiting_for("r4"))
 
 
 def test_a_stopped_worker_fails_fast_instead_of_hanging():
