@@ -207,9 +207,9 @@ def _fetch(tier: HostTier, keys: WeightKeys, layout: RankLayout, params: list[tu
 def _by_bytes(keys: list[str], sizes: list[int], limit: int = _FETCH_BATCH_BYTES) -> list[list[str]]:
     """Keys in order, in batches of at most ``limit`` bytes (a larger value is a batch of its own)."""
     batches: list[list[str]] = []
-    total = limit
+    total = 0
     for key, size in zip(keys, sizes):
-        if total + size > limit:
+        if not batches or total + size > limit:
             batches.append([])
             total = 0
         batches[-1].append(key)
