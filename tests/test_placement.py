@@ -39,5 +39,7 @@ def test_a_fetch_reads_in_batches_of_bounded_bytes():
     loader = pytest.importorskip("app.weights.loader")
     mb = 1 << 20
     batches = loader._by_bytes(["a", "b", "c", "d", "e"], [100 * mb, 100 * mb, 100 * mb, 600 * mb, mb], limit=256 * mb)
-    assert batches == [["a", "b"], ["c"], ["d"], ["e"]]  # a value over the limit is a batch of its own
+    # A value over the limit is a batch of its own (its call gets a longer timeout).
+    assert batches == [(["a", "b"], 200 * mb), (["c"], 100 * mb), (["d"], 600 * mb), (["e"], mb)]
     assert loader._by_bytes([], [], limit=mb) == []
+    assert loader._by_bytes(["a", "b"], [0, 0], limit=mb) == [(["a", "b"], 0)]

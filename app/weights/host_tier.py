@@ -54,12 +54,16 @@ class HostTier:
             except RuntimeError as exc:
                 raise TierError(f"storing {keys[0]}.. ({len(keys)} keys) failed: {exc}") from None
 
-    def get(self, keys: Sequence[str]) -> list[memoryview]:
-        """Zero-copy read-only views of the values; raises TierError if any key is missing."""
+    def get(self, keys: Sequence[str], timeout_ms: int = 0) -> list[memoryview]:
+        """Zero-copy read-only views of the values; raises TierError if any key is missing.
+
+        A call, including a read across nodes, must finish within the client's request timeout, or
+        ``timeout_ms`` if that is longer (measured: the larger of the two cuts a healthy read short,
+        and bounds one from a dead node)."""
         views: list[memoryview] = []
         for batch in _batches(keys):
             try:
-                buffers = self._client.get_read_only_buffers(list(batch))
+                buffers = self._client.get_read_only_buffers(list(batch), timeout_ms)
             except RuntimeError as exc:
                 raise TierError(f"reading {batch[0]}.. ({len(batch)} keys) failed: {exc}") from None
             for key, buffer in zip(batch, buffers):

@@ -12,10 +12,10 @@
   VM (1.8-2.7 s per GB against 0.3 s of faults), so it is not done.
 - fetch (the first replica on a node that holds no copy): map or pull as above, through this node's
   worker, which reads the weights across from the node that has them and keeps a copy. The read goes
-  in batches of at most ``_FETCH_BATCH_BYTES``, each bounded by the plan's timeout: if the source node
-  dies the read fails within that timeout (the data system alone would block until it declares the
-  node lost, 60 s by default). The replica then marks the fetch done or failed, for the replicas of
-  its node that await it.
+  in batches of at most ``_FETCH_BATCH_BYTES``, each bounded by the plan's timeout (longer for a tensor
+  larger than a batch): if the source node dies the read fails within that timeout (the data system
+  alone would block until it declares the node lost, 60 s by default). The replica then marks the
+  fetch done or failed, for the replicas of its node that await it.
 - Any failure of map or pull (missing key, timeout, size, dtype or checksum mismatch, worker gone)
   loads from disk instead and says why in the LoadReport.
 
@@ -46,9 +46,13 @@ from app.weights.rendezvous import await_fetch, await_seed, mark_fetch
 
 logger = init_logger("vllm.yrllm.loader")  # under "vllm." so lines look like vLLM's own
 
-# A read across nodes ran at 0.14-0.71 GB/s on the project's machine (bound by first-touch page faults
-# in the receiving worker): 256 MB a call stays well inside a 5 s timeout, so only a dead node trips it.
+# One data system call must finish within its timeout, healthy or not (docs/FINDINGS.md), so a fetch
+# reads in batches. Reads across nodes ran at 0.14-0.71 GB/s on the project's machine (bound by
+# first-touch page faults in the receiving worker): a batch gets the plan's timeout, or what it takes
+# at _SLOWEST_BYTES_PER_S if that is longer (a tensor larger than a batch), so that only a dead node
+# trips it.
 _FETCH_BATCH_BYTES = 256 << 20
+_SLOWEST_BYTES_PER_S = 100e6
 
 
 @register_model_loader(LOAD_FORMAT)
@@ -113,7 +117,7 @@ def _from_cache(model: nn.Module, plan: WeightPlan, keys: WeightKeys, layout: Ra
         _checked_manifest(tier, keys, layout, params, model_config)
         _npu_tier(plan).pull(keys.tensors(len(params)), [p.data for _, p in params], plan.timeout_ms)
         return WeightSource.NPU, waited_s
-    views = _fetch(tier, keys, layout, params, model_config, plan.verify)
+    views = _fetch(tier, keys, layout, params, model_config, plan.verify, plan.timeout_ms)
     if plan.kind is PlanKind.MAP and _on_cpu(params):
         _map(model, params, views)
     else:
@@ -193,27 +197,27 @@ def _checked_manifest(tier: HostTier, keys: WeightKeys, layout: RankLayout,
 
 
 def _fetch(tier: HostTier, keys: WeightKeys, layout: RankLayout, params: list[tuple[str, torch.Tensor]],
-           model_config: ModelConfig, verify: VerifyMode) -> list[memoryview]:
+           model_config: ModelConfig, verify: VerifyMode, timeout_ms: int = 5000) -> list[memoryview]:
     """All of this rank's tensors as read-only views, after checking they are exactly ours."""
     manifest = _checked_manifest(tier, keys, layout, params, model_config)
     views: list[memoryview] = []
-    for batch in _by_bytes(keys.tensors(len(params)), [entry.nbytes for entry in manifest.tensors]):
-        views += tier.get(batch)  # across nodes, each call must finish within the plan's timeout
+    for batch, nbytes in _by_bytes(keys.tensors(len(params)), [entry.nbytes for entry in manifest.tensors]):
+        views += tier.get(batch, timeout_ms=max(timeout_ms, int(nbytes / _SLOWEST_BYTES_PER_S * 1000)))
     for entry, view in zip(manifest.tensors, views):
         entry.check(view, verify)
     return views
 
 
-def _by_bytes(keys: list[str], sizes: list[int], limit: int = _FETCH_BATCH_BYTES) -> list[list[str]]:
-    """Keys in order, in batches of at most ``limit`` bytes (a larger value is a batch of its own)."""
-    batches: list[list[str]] = []
-    total = 0
+def _by_bytes(keys: list[str], sizes: list[int], limit: int = _FETCH_BATCH_BYTES) -> list[tuple[list[str], int]]:
+    """Keys in order, in batches of at most ``limit`` bytes (a larger value is a batch of its own), each
+    with its bytes."""
+    batches: list[tuple[list[str], int]] = []
     for key, size in zip(keys, sizes):
-        if not batches or total + size > limit:
-            batches.append([])
-            total = 0
-        batches[-1].append(key)
-        total += size
+        if not batches or batches[-1][1] + size > limit:
+            batches.append(([], 0))
+        batch, total = batches[-1]
+        batch.append(key)
+        batches[-1] = (batch, total + size)
     return batches
 
 
