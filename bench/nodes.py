@@ -37,7 +37,7 @@ from app.weights.load_report import LoadReport, PlanKind
 from app.weights.plan import LOAD_FORMAT, WeightPlan
 from bench.driver import http_call
 from bench.nodes_report import report
-from bench.run import DTYPE, evict, load_once, log, memcpy_gbps, warm, warm_standby, weight_files
+from bench.run import DTYPE, evict, load_once, log, memcpy_gbps, warm, weight_files
 
 
 def fresh_memcpy_gbps(nbytes: int = 1 << 30) -> float:
@@ -85,6 +85,8 @@ def weight_plane(model: Path, nbytes: int, populate: bool, scratch: Path) -> dic
         rows["fetch"] = load(model, PlanKind.MAP, fingerprint, node2, scratch, fetch_from="node1")
         log(f"{arm} workers: second replica on node2 (map)")
         rows["map"] = load(model, PlanKind.MAP, fingerprint, node2, scratch)
+        log(f"{arm} workers: a replica on node1, the seed's node (map), for comparison")
+        rows["map_home"] = load(model, PlanKind.MAP, fingerprint, node1, scratch)
     finally:
         cluster.stop()
     return rows
@@ -98,26 +100,38 @@ def greedy(url: str, model: str) -> list[int]:
     return json.loads(body)["choices"][0]["token_ids"]
 
 
+def warm_standbys(count: int, timeout_s: float = 300) -> None:
+    from app.engine.pool import ENGINE_POOL
+
+    deadline = time.monotonic() + timeout_s
+    while len(ENGINE_POOL.warm_pids()) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def fan_out(model: Path, nbytes: int, cache: Path) -> dict:
     from app import App, AppConfig
 
     config = AppConfig.load(env={}, overrides={
         "model": str(model), "router.port": 0, "engine.dtype": DTYPE, "engine.max_model_len": 512,
-        "engine.threads": 1, "runtime.local_nodes": 3, "runtime.ds_shared_memory_mb": max(1024, nbytes * 3 // 2 >> 20),
-        "demo_cache_dir": str(cache)})
+        "engine.threads": 1, "engine.standby_processes": 2, "runtime.local_nodes": 3,
+        "runtime.ds_shared_memory_mb": max(1024, nbytes * 3 // 2 >> 20), "demo_cache_dir": str(cache)})
     with App(config) as app:
-        warm_standby()
+        warm_standbys(2)  # both new replicas fork from a warm process: their fetches overlap
         log("fan-out: scale from 1 replica (node1) to 3 (node2 and node3 fetch at once)")
         scaled = app.scale(3)
         status = app.status()
         tokens = {r["replica_id"]: greedy(r["url"], app.served_model_name) for r in status["replicas"]}
         seed_tokens = tokens[app.start_report.replicas[0].replica_id]
         data = scaled.to_dict()
-        weights = [r.weights for r in scaled.replicas if r.weights is not None]
-        landed = [w.finished_at for w in weights]
-        began = [w.finished_at - w.seconds for w in weights]
+        requested = min(r.timeline["requested"] for r in scaled.replicas)
+        for replica, source in zip(data["replicas"], scaled.replicas):
+            if source.weights is not None:  # when its fetch began and ended, in seconds since scale()
+                replica["fetch_began_s"] = round(source.weights.finished_at - source.weights.seconds - requested, 2)
+                replica["fetch_ended_s"] = round(source.weights.finished_at - requested, 2)
+        began = [r["fetch_began_s"] for r in data["replicas"] if "fetch_began_s" in r]
+        ended = [r["fetch_ended_s"] for r in data["replicas"] if "fetch_ended_s" in r]
         return {"scale_s": scaled.seconds, "ok": scaled.ok, "replicas": data["replicas"],
-                "copies_s": round(max(landed) - min(began), 3) if weights else None,
+                "copies_s": round(max(ended) - min(began), 3) if began else None,
                 "fetches": status["weight_cache"]["fetches"],
                 "identical_tokens": all(t == seed_tokens for t in tokens.values())}
 

@@ -27,7 +27,8 @@ def _replica_row(replica: dict) -> str:
         origin += f", fetched from {weights['fetched_from']}"
     seconds = weights.get("seconds") or 0.0
     gbps = weights.get("bytes", 0) / seconds / 1e9 if seconds else 0.0
-    return f"| {replica['replica_id']} | {replica.get('node')} | {origin} | {seconds:.3f} | {gbps:.2f} |"
+    span = f"{replica.get('fetch_began_s', 0):.2f} / {replica.get('fetch_ended_s', 0):.2f}"
+    return f"| {replica['replica_id']} | {replica.get('node')} | {origin} | {span} | {seconds:.3f} | {gbps:.2f} |"
 
 
 def report(result: dict, out: Path, publish: bool) -> None:
@@ -65,6 +66,8 @@ def report(result: dict, out: Path, publish: bool) -> None:
         f"| **first replica on node2: fetch from node1, then map** | **{_rate(default['fetch'], nbytes)}** | "
         f"**{_rate(populate['fetch'], nbytes)}** |",
         f"| second replica on node2: map its copy | {_seconds(default['map'])} | {_seconds(populate['map'])} |",
+        f"| a replica on node1 (the seed's node): map | {_seconds(default['map_home'])} | "
+        f"{_seconds(populate['map_home'])} |",
         f"| where the second replica's bytes came from | {bytes_from(default, 'map')} | "
         f"{bytes_from(populate, 'map')} |", "",
         "For comparison, in the same run:", "",
@@ -73,12 +76,14 @@ def report(result: dict, out: Path, publish: bool) -> None:
         f"{result['fresh_memcpy_gbps']:.2f} GB/s. A fetch writes into the receiving worker's shared memory, "
         "fresh pages unless the worker pre-faulted them: that first touch is what bounds it here.", "",
         "**Fan-out from 1 node to 3**, end to end: an App with three nodes and one replica (node1), then "
-        f"`scale(3)`: r2 and r3 fetch onto node2 and node3 at the same time. `scale()` took "
+        "`scale(3)`, both new replicas forking from a warm standby (`engine.standby_processes: 2`, one engine "
+        f"thread each): r2 and r3 fetch onto node2 and node3 at the same time. `scale()` took "
         f"**{fan['scale_s']:.2f} s** until both served (engine start-up included); both copies were in place "
         f"{fan['copies_s']:.2f} s after the first fetch began. The WeightCache counted {fan['fetches']} "
         f"cross-node fetches; the replicas answered {'with' if fan['identical_tokens'] else 'WITHOUT'} the "
         "seed's greedy tokens.", "",
-        "| replica | node | weights | seconds | GB/s |", "|---|---|---|---|---|",
+        "| replica | node | weights | fetch began / ended (s after `scale()`) | seconds | GB/s |",
+        "|---|---|---|---|---|---|",
         *[_replica_row(replica) for replica in replicas], "",
         "Checks:", "",
         "| check | measured | met |", "|---|---|---|",

@@ -202,6 +202,28 @@ def app(model_dir):
     assert not left, "processes left after App.shutdown():\n" + "\n".join(_describe(p) for p in left)
 
 
+def side_app(model_dir: Path, what: str, **overrides: object):
+    """A generator for a module fixture: a second real App beside the session's (its own data system
+    workers), with the suite's engine settings plus ``overrides``. Nothing of it may be left running
+    after its shutdown."""
+    from app import App, AppConfig
+
+    config = AppConfig.load(env={}, overrides={
+        "model": str(model_dir), "router.port": 0, "engine.dtype": "float32", "engine.max_model_len": 512,
+        "engine.kv_cache_gib": 0.125, "runtime.ds_shared_memory_mb": 1024, "demo_cache_dir": str(test_cache_dir()),
+        **overrides})
+    application = App(config).start()
+    processes: list[psutil.Process] = []
+    try:
+        yield application
+        status = application.status()
+        processes = [psutil.Process(node["pid"]) for node in status["nodes"]] + [
+            psutil.Process(r[key]) for r in status["replicas"] for key in ("pid", "core_pid") if r.get(key)]
+    finally:
+        application.shutdown()
+    assert not leftovers(processes), f"the {what} App left processes behind"
+
+
 @pytest.fixture(scope="session")
 def model_name(app) -> str:
     return app.served_model_name

@@ -15,9 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import LONG_PROMPT, complete, leftovers, test_cache_dir
+from conftest import LONG_PROMPT, complete, side_app
 from test_healing import events, wait_for
 from test_serving import call, metric_value
 
@@ -31,22 +30,7 @@ SAMPLED = {"temperature": 1.0, "seed": 11, "max_tokens": 16}  # see test_kv_reus
 
 @pytest.fixture(scope="module")
 def pd_app(model_dir):
-    from app import App, AppConfig
-
-    config = AppConfig.load(env={}, overrides={
-        "mode": "disaggregated", "model": str(model_dir), "router.port": 0, "engine.dtype": "float32",
-        "engine.max_model_len": 512, "engine.kv_cache_gib": 0.125, "runtime.ds_shared_memory_mb": 1024,
-        "demo_cache_dir": str(test_cache_dir())})
-    application = App(config).start()
-    processes: list[psutil.Process] = []
-    try:
-        yield application
-        status = application.status()
-        processes = [psutil.Process(pid) for pid in [status["ds_worker_pid"]] +
-                     [r[key] for r in status["replicas"] for key in ("pid", "core_pid") if r.get(key)]]
-    finally:
-        application.shutdown()
-    assert not leftovers(processes), "the disaggregated App left processes behind"
+    yield from side_app(model_dir, "disaggregated", mode="disaggregated")
 
 
 def roles(app) -> dict[str, str]:

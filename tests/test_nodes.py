@@ -12,9 +12,8 @@ import os
 import signal
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import LONG_PROMPT, complete, greedy, leftovers, test_cache_dir
+from conftest import LONG_PROMPT, complete, greedy, side_app
 from test_healing import events, wait_for
 
 from app.engine.host import EngineHost
@@ -28,22 +27,7 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def nodes_app(model_dir):
-    from app import App, AppConfig
-
-    config = AppConfig.load(env={}, overrides={
-        "model": str(model_dir), "router.port": 0, "engine.dtype": "float32", "engine.max_model_len": 512,
-        "engine.kv_cache_gib": 0.125, "runtime.ds_shared_memory_mb": 1024, "runtime.local_nodes": 2,
-        "demo_cache_dir": str(test_cache_dir())})
-    application = App(config).start()
-    processes: list[psutil.Process] = []
-    try:
-        yield application
-        status = application.status()
-        processes = [psutil.Process(n["pid"]) for n in status["nodes"]] + [
-            psutil.Process(r[key]) for r in status["replicas"] for key in ("pid", "core_pid") if r.get(key)]
-    finally:
-        application.shutdown()
-    assert not leftovers(processes), "the two-node App left processes behind"
+    yield from side_app(model_dir, "two-node", **{"runtime.local_nodes": 2})
 
 
 @pytest.fixture(scope="module")
