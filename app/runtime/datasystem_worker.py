@@ -5,7 +5,7 @@ We run the ``datasystem_worker`` binary ourselves, in the foreground, instead of
 flags are the ones ``dscli start`` passes, with every path pinned under the worker's home.
 
 Several workers form one cluster without etcd: the first runs the metastore, the others join it
-(``metastore=`` its address). A value put through one worker is then readable through any other.
+(``metastore=`` the worker running it). A value put through one worker is then readable through any other.
 """
 
 from __future__ import annotations
