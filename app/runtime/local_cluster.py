@@ -45,21 +45,20 @@ class LocalCluster:
 
     def start(self, timeout_s: float = 60.0) -> list[Node]:
         """Start the head, then the others together (they join it). Stops what started if one fails."""
+        *joining, head = self._workers
         try:
-            self._start(self.head, timeout_s)
-            joining = list(self._workers.values())[:-1]
+            self._start(head, timeout_s)
             with ThreadPoolExecutor(max_workers=max(1, len(joining))) as pool:
-                list(pool.map(lambda worker: self._start(worker, timeout_s), joining))
+                list(pool.map(lambda name: self._start(name, timeout_s), joining))
         except BaseException:
             self.stop()
             raise
         self.nodes = [Node(name=name, ds_address=worker.address) for name, worker in self._workers.items()]
         return self.nodes
 
-    def _start(self, worker: DataSystemWorker, timeout_s: float) -> None:
+    def _start(self, name: str, timeout_s: float) -> None:
         started = time.monotonic()
-        worker.start(timeout_s)
-        name = next(name for name, candidate in self._workers.items() if candidate is worker)
+        self._workers[name].start(timeout_s)
         self.start_seconds[name] = round(time.monotonic() - started, 2)
 
     def pids(self) -> dict[str, int | None]:
