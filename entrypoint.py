@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_banner(app), flush=True)
         while True:
             signal.pause()
+    except ConfigError as error:  # found at start-up: a tensor parallel size that does not fit, say
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nshutting down...", flush=True)
     finally:

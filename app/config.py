@@ -24,6 +24,8 @@ from app.replica import Role
 
 #: The most replicas one App runs (a bound on config, scaling calls and HTTP scaling requests).
 MAX_REPLICAS = 64
+#: The largest tensor parallel size accepted (a bound; the model and the host usually bound it lower).
+MAX_TENSOR_PARALLEL = 64
 
 
 class _Section(BaseModel):
@@ -141,16 +143,11 @@ class PoolConfig(_Section):
     replicas: int = Field(1, ge=0, le=MAX_REPLICAS, description="Disaggregated mode: replicas of this "
                           "pool started by App.start() (env PREFILL_INS_NUM / DECODE_INS_NUM). Merged "
                           "mode counts its replicas in the top-level 'replicas'.")
-    tensor_parallel: int = Field(1, ge=1, description="Tensor parallel size of each engine of the pool "
-                                 "(env PTP / DTP; prefill's applies to merged replicas too). Only 1 so far.")
-
-    @field_validator("tensor_parallel")
-    @classmethod
-    def _one_device(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError(f"tensor_parallel {value}: only 1 is supported so far (engines run vLLM's "
-                             "in-process 'uni' executor; tensor parallelism needs its multiprocess one)")
-        return value
+    tensor_parallel: int = Field(1, ge=1, le=MAX_TENSOR_PARALLEL, description="Tensor parallel size of "
+                                 "each engine of the pool (env PTP / DTP; prefill's applies to merged replicas "
+                                 "too): one engine process per rank, each with its shard of the weights and "
+                                 "its KV heads. It must divide the model's attention heads and fit the host's "
+                                 "cores (checked at start).")
 
 
 class AutoscaleConfig(_Section):
@@ -301,6 +298,10 @@ class AppConfig(BaseSettings):
             return self.kv.capacity_gb
         local = self.runtime.resolved_mode is RuntimeMode.LOCAL
         return self.runtime.ds_shared_memory_mb / 4 / 1000 if local else 1.0
+
+    def tensor_parallel(self, role: Role) -> int:
+        """The tensor parallel size of ``role``'s engines (merged replicas take the prefill pool's)."""
+        return self.decode.tensor_parallel if role is Role.DECODE else self.prefill.tensor_parallel
 
     @property
     def pools(self) -> dict[Role, int]:

@@ -27,6 +27,11 @@ NESTED_DELIMITER = "__"
 ORIGINAL_CASE_VARIABLES = {"YR_SERVER_ADDRESS": "server_address", "DS_WORKER_ADDR": "ds_address"}
 #: Its pool variables: instances and tensor parallel size of the prefill and decode pools.
 ORIGINAL_CASE_POOLS = ("PREFILL_INS_NUM", "DECODE_INS_NUM", "PTP", "DTP")
+#: Its data parallel sizes: 1 (or 0 for an empty pool) is what the App runs; more is refused.
+ORIGINAL_CASE_DATA_PARALLEL = ("PDP", "DDP")
+#: Its serving variables and the (dotted) fields they fill.
+ORIGINAL_CASE_SERVING = {"MODEL_PATH": "model", "SERVER_IP": "router.host", "SERVER_PORT": "router.port",
+                         "USING_PREFIX_CONNECTOR": "kv.enabled"}
 
 
 class ConfigError(ValueError):
@@ -87,23 +92,44 @@ class Environment(EnvSettingsSource):
 
 
 class OriginalCaseVariables(PydanticBaseSettingsSource):
-    """The original case's variables, kept so that its instructions work unchanged: ``YR_SERVER_ADDRESS``
-    and ``DS_WORKER_ADDR`` (the runtime), and ``PREFILL_INS_NUM``, ``DECODE_INS_NUM``, ``PTP``, ``DTP``
-    (the pools). As there, ``DECODE_INS_NUM`` of 0 (or unset) means PD-merged: ``PREFILL_INS_NUM``
-    replicas, ``PTP`` their tensor parallel size, ``DTP`` unused; more than 0 means disaggregated. The
-    ``YRLLM_*`` variables, more specific, win over them."""
+    """The original case's variables, kept so that its instructions work unchanged:
+
+    - ``YR_SERVER_ADDRESS`` and ``DS_WORKER_ADDR``: the runtime (cluster mode);
+    - ``MODEL_PATH``: the model; ``SERVER_IP`` / ``SERVER_PORT``: the Router's host and port;
+      ``USING_PREFIX_CONNECTOR`` 1/0: ``kv.enabled``;
+    - ``PREFILL_INS_NUM``, ``DECODE_INS_NUM``, ``PTP``, ``DTP``: the pools. As there, ``DECODE_INS_NUM``
+      of 0 (or unset) means PD-merged: ``PREFILL_INS_NUM`` replicas, ``PTP`` their tensor parallel size,
+      ``DTP`` unused; more than 0 means disaggregated;
+    - ``PDP`` / ``DDP``: data parallel sizes. 1 (or 0, for an empty pool) is what every replica is; other
+      values are refused until data parallelism exists.
+
+    The ``YRLLM_*`` variables, more specific, win over them. Variables the original case sets for vLLM
+    itself are documented in the README ("Running the original case's deployment")."""
 
     def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
         super().__init__(settings_cls)
         runtime = {field: env[name] for name, field in ORIGINAL_CASE_VARIABLES.items() if env.get(name)}
         self._values: dict[str, Any] = {"runtime": runtime} if runtime else {}
+        serving = unflatten({field: env[name] for name, field in ORIGINAL_CASE_SERVING.items() if env.get(name)})
+        for name, value in serving.items():
+            self._values[name] = {**self._values.get(name, {}), **value} if isinstance(value, dict) else value
         self._values.update(_pools(env))
+        _check_data_parallel(env)
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return self._values.get(field_name), field_name, True
 
     def __call__(self) -> dict[str, Any]:
         return dict(self._values)
+
+
+def _check_data_parallel(env: Mapping[str, str]) -> None:
+    for name in ORIGINAL_CASE_DATA_PARALLEL:
+        value = (env.get(name) or "").strip()
+        if value not in ("", "0", "1"):
+            raise ConfigError(f"{name}={value}: data parallelism is not supported yet; every replica is one "
+                              "data parallel rank (1, or 0 for an empty pool). Scale out replicas instead "
+                              "(PREFILL_INS_NUM / DECODE_INS_NUM, or POST /scaleout).")
 
 
 def _pools(env: Mapping[str, str]) -> dict[str, Any]:

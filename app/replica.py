@@ -46,6 +46,8 @@ class ReplicaInfo(BaseModel):
     log: str | None = None  # the engine process's log file
     launcher: str | None = None  # how its EngineCore was started: fork or spawn
     core_pid: int | None = None  # its forked EngineCore (fork launcher)
+    tensor_parallel: int = 1  # ranks of its engine
+    worker_pids: list[int] = []  # tensor parallel: one worker process per rank, in rank order
     failure: str | None = None  # FAILED: why (the exit code and the engine's last log line)
 
 

@@ -24,6 +24,7 @@ from app.control.supervisor import Supervisor
 from app.control.weight_client import WeightCacheClient
 from app.engine.pool import ENGINE_POOL
 from app.engine.spec import EngineSpec
+from app.engine.tensor_parallel import check_tensor_parallel
 from app.kv.settings import ConnectorSettings
 from app.replica import Node, Role
 from app.runtime.openyuanrong import Runtime
@@ -79,6 +80,9 @@ class App:
 
         self.model_dir = self.config.model or demo_model_dir(self.config.demo_cache_dir)
         self.served_model_name = self.config.served_model_name or self.model_dir.name
+        for role in self.config.mode.roles:  # before anything starts: a size that cannot fit is an error now
+            check_tensor_parallel(self.model_dir, self.config.tensor_parallel(role), threads=self.config.engine.threads,
+                                  field=f"{'decode' if role is Role.DECODE else 'prefill'}.tensor_parallel")
         # Standbys warm up (imports, ~10 s of CPU) while the data system worker starts.
         ENGINE_POOL.hold()
         self._holds_pool = True

@@ -186,7 +186,8 @@ class Scaler:
         error = None
         try:
             node = yr.get(actor.node.invoke()) or node  # cluster mode: the actor's host may have its own
-            plan = self._weights.plan(replica_id, node, spec.load_report_path) if self._weights else None
+            plan = self._weights.plan(replica_id, node, spec.load_report_path, spec.tensor_parallel) \
+                if self._weights else None
             # No yr.get timeout: in local mode it returns None instead of raising. The engine host
             # enforces engine.start_timeout_s itself.
             replica.info = yr.get(actor.start.invoke(plan))

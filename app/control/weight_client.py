@@ -21,14 +21,17 @@ class WeightCacheClient:
         self.actor = actor  # the WeightCache actor's handle
         self.identity = identity
 
-    def plan(self, replica_id: str, node: Node, report_path: Path) -> WeightPlan:
+    def plan(self, replica_id: str, node: Node, report_path: Path, tensor_parallel: int = 1) -> WeightPlan:
+        """How ``replica_id`` gets its weights. Every rank of a ``tensor_parallel`` engine loads its own
+        shard: the identity covers the rank layout, each rank's keys its rank."""
         import yr
 
+        identity = self.identity.model_copy(update={"tp_size": tensor_parallel})
         try:
-            return yr.get(self.actor.plan.invoke(self.identity, replica_id, node, report_path))
+            return yr.get(self.actor.plan.invoke(identity, replica_id, node, report_path))
         except Exception as exc:  # noqa: BLE001 - the replica still starts, from disk
             logger.warning("the WeightCache could not plan %s (%s); it loads from disk", replica_id, exc)
-            return WeightPlan(kind=PlanKind.DISK, replica_id=replica_id, fingerprint=self.identity.fingerprint,
+            return WeightPlan(kind=PlanKind.DISK, replica_id=replica_id, fingerprint=identity.fingerprint,
                               node=node.name, ds_address=node.ds_address, report_path=report_path,
                               reason=f"WeightCache unavailable: {type(exc).__name__}: {exc}")
 

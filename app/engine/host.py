@@ -4,9 +4,10 @@ Why a process per engine, and not the engine inside the actor: in yr local mode 
 the driver, and engines sharing one process share a GIL and silently clobber each other's ``vllm:*``
 Prometheus metrics; a crashed engine would also take the driver down. Processes come from the
 ``EnginePool``, which keeps warm standbys. The process runs vLLM's own OpenAI server; its EngineCore
-is a second process, forked from the warm standby (``launcher``) or spawned by vLLM. The model worker
-stays inside EngineCore (see ``EngineSpec.environment``), so a replica is two processes, not three,
-in one process group.
+is a second process, forked from the warm standby (``launcher``) or spawned by vLLM. Without tensor
+parallelism the model worker stays inside EngineCore (see ``EngineSpec.environment``), so a replica is
+two processes; with N ranks, EngineCore forks one worker per rank (``forked_workers``): 2 + N
+processes, all in one process group, each watched here.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import time
 import urllib.error
 import urllib.request
 
-from app.engine.launch_report import LaunchReport
+from app.engine.launch_report import LaunchReport, WorkersReport
 from app.engine.pool import ENGINE_POOL
 from app.engine.spec import EngineSpec
 from app.kv.journal import SIDES, JournalReader
 from app.replica import ReplicaInfo, ReplicaState
-from app.runtime.processes import ChildProcess, free_port, is_live_child
+from app.runtime.processes import ChildProcess, free_port, is_live_child, parent_pid
 from app.weights.load_report import LoadReport
 from app.weights.plan import WeightPlan
 
@@ -44,6 +45,7 @@ class EngineHost:
         self._process: ChildProcess | None = None
         self._failure: str | None = None
         self._launch: LaunchReport | None = None  # once ready
+        self._workers: dict[int, int] = {}  # tensor parallel: each worker's pid -> its parent's, once ready
         self._lock = threading.Lock()
         self.timeline: dict[str, float] = {"actor_up": time.time()}
         self._kv_journals = [JournalReader(spec.kv_journal_path, side) for side in SIDES] \
@@ -69,7 +71,9 @@ class EngineHost:
                            pid=self._process.pid if self._process else None,
                            log=str(self._process.log_file) if self._process else None,
                            launcher=launch.launcher.value if launch else None,
-                           core_pid=launch.core_pid if launch else None, failure=self._failure)
+                           core_pid=launch.core_pid if launch else None,
+                           tensor_parallel=self._spec.tensor_parallel, worker_pids=list(self._workers),
+                           failure=self._failure)
 
     def _exit_reason(self) -> str | None:
         assert self._process is not None
@@ -83,6 +87,9 @@ class EngineHost:
             return f"engine process exited with code {code}: {last_line}"
         if core_gone:
             return f"its EngineCore (pid {core_pid}) exited; the engine server goes down with it"
+        for rank, (pid, parent) in enumerate(self._workers.items()):
+            if not is_live_child(pid, parent):  # vLLM's core notices too, but only as it shuts down
+                return f"its tensor-parallel worker of rank {rank} (pid {pid}) exited"
         return None
 
     def start(self, plan: WeightPlan | None = None) -> ReplicaInfo:
@@ -110,6 +117,8 @@ class EngineHost:
         self._launch = self.launch_report()
         if self._launch is not None and self._launch.core_forked_at is not None:
             self.timeline["core_forked"] = self._launch.core_forked_at
+        if self._launch is not None and self._launch.workers is not None:
+            self._workers = {pid: parent_pid(pid) for pid in self._launch.workers.pids}
         self._state = ReplicaState.READY
         return self.info()
 
@@ -156,18 +165,27 @@ class EngineHost:
         return self.info()
 
     def launch_report(self) -> LaunchReport | None:
-        """How the engine process launched its engine (None until it has)."""
+        """How the engine process launched its engine, and its EngineCore its tensor-parallel workers
+        (None until it has)."""
         try:
-            return LaunchReport.model_validate_json(self._spec.launch_report_path.read_text())
+            report = LaunchReport.model_validate_json(self._spec.launch_report_path.read_text())
         except FileNotFoundError:
             return None
+        try:
+            workers = WorkersReport.model_validate_json(self._spec.workers_report_path.read_text())
+        except FileNotFoundError:
+            return report
+        return report.model_copy(update={"workers": workers})
 
     def load_report(self) -> LoadReport | None:
-        """How this engine's weights were loaded (None with vLLM's own load formats)."""
-        try:
-            return LoadReport.model_validate_json(self._spec.load_report_path.read_text())
-        except FileNotFoundError:
-            return None
+        """How this engine's weights were loaded, rank by rank (None with vLLM's own load formats)."""
+        ranks = []
+        for path in self._spec.load_report_paths():
+            try:
+                ranks.append(LoadReport.model_validate_json(path.read_text()))
+            except FileNotFoundError:
+                continue
+        return LoadReport.of_ranks(ranks) if ranks else None
 
     def first_token(self) -> float:
         """Send a one-token completion and return when its answer arrived (the 'first token' mark)."""

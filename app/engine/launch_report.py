@@ -19,6 +19,19 @@ class Launcher(str, Enum):
     SPAWN = "spawn"
 
 
+#: ``--distributed-executor-backend`` for tensor-parallel workers forked from the EngineCore
+#: (``app.engine.forked_workers``; named here so that building a spec imports no vLLM).
+FORKED_WORKERS_EXECUTOR = "app.engine.forked_workers.ForkedWorkersExecutor"
+
+
+class WorkersReport(BaseModel):
+    """How a tensor-parallel engine's workers were started (written by its EngineCore)."""
+
+    method: Launcher = Field(description="fork (from the EngineCore) or spawn (vLLM's standard path).")
+    reason: str | None = Field(None, description="Why they were spawned where fork was asked for.")
+    pids: list[int] = Field(default_factory=list, description="One worker process per rank, in rank order.")
+
+
 class LaunchReport(BaseModel):
     replica_id: str
     launcher: Launcher
@@ -28,3 +41,6 @@ class LaunchReport(BaseModel):
     core_log: str | None = Field(None, description="Fork only: the EngineCore's own log file.")
     spec_received_at: float = Field(description="Wall-clock time the engine process read its spec.")
     core_forked_at: float | None = Field(None, description="Fork only: wall-clock time of the fork.")
+    tensor_parallel: int = Field(1, description="Ranks of the engine: worker processes when > 1.")
+    workers: WorkersReport | None = Field(None, description="Tensor parallel only: how the EngineCore "
+                                          "started its workers (once it has).")

@@ -2,7 +2,8 @@
 
 Run as ``python -m app.engine.main`` by ``app.engine.pool``. Before it reads its spec (one JSON line on
 stdin) the process becomes a warm standby: it imports vLLM's server, the modules a real start imports
-(``preimports``), checks that it can fork an EngineCore (``launcher.fork_support``), then collects
+(``preimports``), checks that it can fork an EngineCore (``launcher.fork_support``) and that the core
+can fork its tensor-parallel workers (``forked_workers.fork_workers_support``), then collects
 and freezes its heap, so that neither vLLM's five full collections during start-up nor the forked
 core walk those objects again. No torch operation runs before the fork: OpenMP threads would start.
 
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.engine.launch_report import Launcher, LaunchReport
+from app.engine.launch_report import Launcher, LaunchReport, WorkersReport
 from app.engine.launcher import external_engine_args, fork_core, fork_support, threads_running, watch_core
 from app.engine.preimports import CACHE_DIR_ENV, preimport, record_when_serving
 from app.engine.spec import EngineSpec
@@ -36,10 +37,13 @@ def main() -> None:
     from vllm.logger import configure_logging_from_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from app.engine.forked_workers import WORKERS_REPORT_ENV, fork_workers_support
+
     parser = make_arg_parser(FlexibleArgumentParser(prog="engine"))
     cache_dir = Path(os.environ[CACHE_DIR_ENV]) if os.environ.get(CACHE_DIR_ENV) else None
     preimported = preimport(cache_dir)
     fork_refusal = fork_support(parser)
+    workers_refusal = fork_workers_support()
     gc.collect()
     gc.freeze()
     print(f"{STANDBY_READY} ({preimported} modules pre-imported; fork: "
@@ -51,13 +55,18 @@ def main() -> None:
     spec = EngineSpec.model_validate_json(line)
     # The pool started us with spec.environment() already; applied again for whoever runs us by hand.
     # Computed before the clear: it is this environment with the spec's changes.
-    environment = child_environment(spec.environment(os.cpu_count() or 1))
+    environment = child_environment({**spec.environment(os.cpu_count() or 1),
+                                     WORKERS_REPORT_ENV: str(spec.workers_report_path)})
     os.environ.clear()
     os.environ.update(environment)
 
     report = LaunchReport(replica_id=spec.replica_id, launcher=Launcher.SPAWN, preimported_modules=preimported,
-                          spec_received_at=received)
-    args = parser.parse_args(spec.server_args())
+                          spec_received_at=received, tensor_parallel=spec.tensor_parallel)
+    if spec.tensor_parallel > 1 and workers_refusal:
+        report.workers = WorkersReport(method=Launcher.SPAWN, reason=f"vLLM's mp executor: {workers_refusal}")
+        print(f"yrllm: tensor-parallel workers are spawned: {workers_refusal}", file=sys.stderr, flush=True)
+    server_args = spec.server_args(fork_workers=workers_refusal is None)
+    args = parser.parse_args(server_args)
     configure_logging_from_args(args)  # before the fork: the core logs the same way
     validate_parsed_serve_args(args)
     wants_fork = spec.launcher is Launcher.FORK
@@ -74,7 +83,7 @@ def main() -> None:
         watch_core(pid, core_log)
         report.launcher, report.core_pid, report.core_log = Launcher.FORK, pid, str(core_log)
         report.core_forked_at = time.time()
-        args = parser.parse_args(spec.server_args() + external_engine_args(spec.host, rpc_port))
+        args = parser.parse_args(server_args + external_engine_args(spec.host, rpc_port))
     write_atomically(spec.launch_report_path, report.model_dump_json())
     record_when_serving(f"{spec.url}/health", cache_dir, "server", spec.start_timeout_s)
     # run_server binds first, builds the engine client, serves; SIGTERM shuts it down, then exits.

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.config import AppConfig, RuntimeMode
+from app.engine.launch_report import FORKED_WORKERS_EXECUTOR as EXECUTOR
 from app.engine.launch_report import Launcher
 from app.engine.preimports import CACHE_DIR_ENV
 from app.kv.settings import ConnectorSettings
@@ -32,6 +33,7 @@ class EngineSpec(BaseModel):
     max_model_len: int | None
     kv_cache_gib: float
     threads: int
+    tensor_parallel: int = 1  # ranks: one worker process each (vLLM's multiprocess executor) when > 1
     enforce_eager: bool
     extra_args: list[str] = Field(default_factory=list)
     load_format: str = "auto"
@@ -52,6 +54,7 @@ class EngineSpec(BaseModel):
         return cls(replica_id=replica_id, role=role, model=model, served_model_name=served_model_name,
                    host=engine.host, port=port, dtype=engine.dtype, max_model_len=engine.max_model_len,
                    kv_cache_gib=engine.kv_cache_gib, threads=engine.threads,
+                   tensor_parallel=config.tensor_parallel(role),
                    enforce_eager=engine.enforce_eager, extra_args=list(engine.extra_args),
                    log_dir=log_dir, start_timeout_s=engine.start_timeout_s,
                    launcher=Launcher(engine.launcher), cache_dir=config.demo_cache_dir / "engine",
@@ -68,11 +71,13 @@ class EngineSpec(BaseModel):
         """This spec loading its weights as ``plan`` says, with our load format."""
         return self.model_copy(update={"load_format": LOAD_FORMAT, "loader_extra_config": plan.model_dump(mode="json")})
 
-    def server_args(self) -> list[str]:
-        """The ``vllm serve`` flags for this engine."""
+    def server_args(self, fork_workers: bool = True) -> list[str]:
+        """The ``vllm serve`` flags for this engine. ``fork_workers``: tensor-parallel workers are forked
+        from the EngineCore (``forked_workers``); False: vLLM's own ``mp`` executor spawns them."""
+        executor = "uni" if self.tensor_parallel == 1 else EXECUTOR if fork_workers else "mp"
         args = ["--model", str(self.model), "--served-model-name", self.served_model_name,
                 "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
-                "--distributed-executor-backend", "uni",
+                "--tensor-parallel-size", str(self.tensor_parallel), "--distributed-executor-backend", executor,
                 "--load-format", self.load_format, "--disable-uvicorn-access-log",
                 "--kv-cache-memory-bytes", str(int(self.kv_cache_gib * 2**30))]
         if self.max_model_len:
@@ -90,6 +95,7 @@ class EngineSpec(BaseModel):
         threads = self.threads or cpu_count
         return {
             # Whole GiB only, and it overrides --kv-cache-memory-bytes (an empty value crashes vLLM).
+            # The bytes are per rank with tensor parallelism (each rank caches its KV heads).
             "VLLM_CPU_KVCACHE_SPACE": None,
             "OMP_NUM_THREADS": str(threads),
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
@@ -99,6 +105,9 @@ class EngineSpec(BaseModel):
             # switches to the multiprocess executor otherwise): one process spawn, and one
             # re-import of torch and vLLM (~8 s on 2 cores), fewer per replica.
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            # What torch.compile builds (TP > 1 compiles vLLM's vocab-parallel masking on the first
+            # request, 11.5 s cold here) is kept across replicas and App runs.
+            "TORCHINDUCTOR_CACHE_DIR": str(self.cache_dir / "inductor") if self.cache_dir else None,
             "HF_HUB_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",
             "TOKENIZERS_PARALLELISM": "false",
@@ -109,6 +118,15 @@ class EngineSpec(BaseModel):
     def load_report_path(self) -> Path:
         """Where our load format writes this engine's LoadReport."""
         return self.log_dir / f"load-{self.replica_id}.json"
+
+    def load_report_paths(self) -> list[Path]:
+        """The LoadReports our load format writes, one per rank (``app.weights.load_report``)."""
+        return sorted(self.log_dir.glob(f"{self.load_report_path.stem}.rank*.json"))
+
+    @property
+    def workers_report_path(self) -> Path:
+        """Where a tensor-parallel EngineCore writes how it started its workers."""
+        return self.log_dir / f"workers-{self.replica_id}.json"
 
     @property
     def launch_report_path(self) -> Path:

@@ -60,6 +60,15 @@ def is_live_child(pid: int, parent: int) -> bool:
     return state not in ("Z", "X") and int(ppid) == parent
 
 
+def parent_pid(pid: int) -> int:
+    """The parent of ``pid`` now (0 if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 def child_environment(changes: Mapping[str, str | None]) -> dict[str, str]:
     """This process's environment with ``changes`` applied; a None value removes the variable."""
     env = {**os.environ, **changes}

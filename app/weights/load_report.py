@@ -4,6 +4,7 @@ much and how fast, and why it fell back to disk if it did."""
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 
 from pydantic import BaseModel, Field
 
@@ -25,8 +26,21 @@ class WeightSource(str, Enum):
     NPU = "npu"  # device-memory objects (Ascend)
 
 
+#: Worst first: a replica's summary source is the worst of its ranks'.
+_SOURCE_ORDER = (WeightSource.DISK, WeightSource.HOST, WeightSource.NPU)
+
+
+def rank_report_path(path: Path, rank: int) -> Path:
+    """Where rank ``rank`` writes its report, beside the replica's ``path``."""
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
 class LoadReport(BaseModel):
+    """One rank's load, or a replica's: then ``ranks`` holds each rank's, and the other fields sum them
+    up (the worst source, the slowest seconds, the bytes of all ranks)."""
+
     replica_id: str
+    rank: int | None = Field(None, description="The tensor parallel rank this report is of; None: a replica's.")
     plan: PlanKind
     source: WeightSource
     node: str | None = Field(None, description="The node (data system worker) the replica used.")
@@ -40,6 +54,25 @@ class LoadReport(BaseModel):
                                   "engine started in parallel); not part of ``seconds``.")
     fallback_reason: str | None = Field(None, description="Why a fast path fell back to disk.")
     finished_at: float = Field(0.0, description="Wall-clock time the weights were in place.")
+    ranks: list["LoadReport"] = Field(default_factory=list, description="A replica's: one report per rank.")
+
+    @classmethod
+    def of_ranks(cls, ranks: list["LoadReport"]) -> "LoadReport":
+        """A replica's report from its ranks' (at least one)."""
+        ranks = sorted(ranks, key=lambda r: r.rank or 0)
+        worst = min(ranks, key=lambda r: _SOURCE_ORDER.index(r.source))
+        slowest = max(ranks, key=lambda r: r.seconds)
+        fallbacks = [f"rank {r.rank}: {r.fallback_reason}" if len(ranks) > 1 else r.fallback_reason
+                     for r in ranks if r.fallback_reason]
+        fetched = {r.fetched_from for r in ranks}
+        publish = [r.publish_seconds for r in ranks if r.publish_seconds is not None]
+        return cls(replica_id=ranks[0].replica_id, plan=ranks[0].plan, source=worst.source, node=ranks[0].node,
+                   fetched_from=fetched.pop() if len(fetched) == 1 else None,
+                   parameters=sum(r.parameters for r in ranks), bytes=sum(r.bytes for r in ranks),
+                   seconds=slowest.seconds, publish_seconds=max(publish) if publish else None,
+                   waited_seconds=max(r.waited_seconds for r in ranks),
+                   fallback_reason="; ".join(fallbacks) or None, finished_at=max(r.finished_at for r in ranks),
+                   ranks=ranks if len(ranks) > 1 else [])
 
     @property
     def gbps(self) -> float:
@@ -57,6 +90,8 @@ class LoadReport(BaseModel):
                                                                            f"the copy on {self.node}")
         if self.publish_seconds is not None:
             text += f", published in {self.publish_seconds:.3f} s"
+        if self.ranks:
+            text += f" (slowest of {len(self.ranks)} ranks)"
         if self.fallback_reason:
             text += f"; FELL BACK to disk: {self.fallback_reason}"
         return text

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,7 +37,7 @@ from vllm.model_executor.model_loader import BaseModelLoader, DefaultModelLoader
 from app.files import write_atomically
 from app.weights.host_tier import HostTier, TierError
 from app.weights.identity import RankLayout, WeightKeys
-from app.weights.load_report import LoadReport, PlanKind, WeightSource
+from app.weights.load_report import LoadReport, PlanKind, WeightSource, rank_report_path
 from app.weights.manifest import Manifest, TensorEntry, VerifyMode, full_digest, sampled_digest
 from app.weights.npu_tier import NpuTier
 from app.weights.plan import LOAD_FORMAT, WeightPlan
@@ -92,14 +91,14 @@ class DataSystemLoader(BaseModelLoader):
                 logger.warning("%s; this replica serves, but the next one will load from disk", fallback)
             publish_s = time.perf_counter() - publish_started
         fetched_from = plan.fetch_from if source is not WeightSource.DISK else None
-        report = LoadReport(replica_id=plan.replica_id, plan=plan.kind, source=source, node=plan.node,
+        report = LoadReport(replica_id=plan.replica_id, rank=layout.tp_rank, plan=plan.kind, source=source, node=plan.node,
                             fetched_from=fetched_from, parameters=len(params),
                             bytes=sum(p.numel() * p.element_size() for _, p in params),
                             seconds=round(seconds, 4), waited_seconds=round(waited_s, 4),
                             publish_seconds=None if publish_s is None else round(publish_s, 4),
                             fallback_reason=fallback, finished_at=time.time())
-        logger.info("yrllm weights: %s", report.summary())
-        _write_report(plan.report_path, report)
+        logger.info("yrllm weights (rank %d of %d): %s", layout.tp_rank, layout.tp_size, report.summary())
+        write_atomically(rank_report_path(plan.report_path, layout.tp_rank), report.model_dump_json())
 
 
 def _from_cache(model: nn.Module, plan: WeightPlan, keys: WeightKeys, layout: RankLayout,
@@ -295,6 +294,3 @@ def _publish(tier: HostTier, keys: WeightKeys, layout: RankLayout, params: list[
     logger.info("Published %d tensors (%.2f GB) to the data system in %.2f s", len(items),
                 manifest.total_bytes / 1e9, time.perf_counter() - started)
 
-
-def _write_report(path: Path, report: LoadReport) -> None:
-    write_atomically(path, report.model_dump_json())

@@ -1,0 +1,31 @@
+"""Whether a tensor parallel size fits the model and the host, checked before any engine starts, so
+that a size vLLM would refuse minutes later (or a host it would oversubscribe) is a clear error now."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from app.config_sources import ConfigError
+
+
+def check_tensor_parallel(model_dir: Path, size: int, *, field: str, threads: int = 0) -> None:
+    """Raise ConfigError, with the numbers, if ``size`` ranks cannot serve the model in ``model_dir``
+    on this host. ``threads``: the engine's threads (0: every core), shared among its ranks."""
+    if size == 1:
+        return
+    config = json.loads((model_dir / "config.json").read_text())
+    config = config.get("text_config", config)
+    heads = config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads", heads)
+    if heads and heads % size:
+        raise ConfigError(f"{field}={size}: the model's {heads} attention heads do not split over {size} "
+                          f"ranks; use a size that divides {heads}")
+    if kv_heads and kv_heads % size and size % kv_heads:
+        raise ConfigError(f"{field}={size}: the model's {kv_heads} KV heads neither split over {size} ranks "
+                          f"nor replicate evenly; use a divisor or a multiple of {kv_heads}")
+    cores = len(os.sched_getaffinity(0))
+    if size > (threads or cores):
+        raise ConfigError(f"{field}={size}: each rank needs a core of its own, and engines get "
+                          f"{threads or cores} (engine.threads={threads}, {cores} cores on this host)")
