@@ -1,5 +1,7 @@
 """Config precedence (defaults < YAML < env < CLI) and errors that name the field."""
 
+import json
+
 import pytest
 
 from app.config import AppConfig, ConfigError, RuntimeMode, ServingMode
@@ -126,7 +128,10 @@ def test_disaggregated_pools_and_the_original_case_variables():
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"PTP": "2"}, "prefill.tensor_parallel: .*only 1 is supported so far"),
+    ({"PTP": "0"}, "prefill.tensor_parallel"),
+    ({"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "DTP": "0"}, "decode.tensor_parallel"),
+    ({"PDP": "2"}, "PDP=2: data parallelism is not supported yet"),
+    ({"DDP": "4"}, "DDP=4: data parallelism is not supported yet"),
     ({"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "two"}, "decode.replicas"),
     ({"YRLLM_MODE": "disaggregated", "YRLLM_REPLICAS": "2"}, "'replicas' counts merged replicas"),
     ({"YRLLM_DECODE__REPLICAS": "2"}, "apply to mode: disaggregated"),
@@ -152,3 +157,49 @@ def test_the_entrypoint_takes_the_number_of_local_nodes():
 
     _, overrides = parse_args(["--local-nodes", "3"])
     assert AppConfig.load(env={}, overrides=overrides).runtime.local_nodes == 3
+
+
+ORIGINAL_CASE_BLOCK = {  # the original case's environment block, verbatim (../shared/seed/)
+    "SERVER_IP": "127.0.0.1", "SERVER_PORT": "9000", "MODEL_PATH": "/workspace/models/qwen2.5_7B",
+    "VLLM_USE_V1": "1", "VLLM_WORKER_MULTIPROC_METHOD": "spawn", "vLLM_MODEL_MEMORY_USE_GB": "20",
+    "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python", "USING_PREFIX_CONNECTOR": "1",
+    "PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "0", "PTP": "2", "DTP": "0", "PDP": "1", "DDP": "0"}
+
+
+def test_the_original_case_block_configures_model_router_kv_and_tensor_parallel(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    env = {**ORIGINAL_CASE_BLOCK, "MODEL_PATH": str(tmp_path), "SERVER_IP": "127.0.0.2", "SERVER_PORT": "9123",
+           "USING_PREFIX_CONNECTOR": "0"}
+    config = AppConfig.load(env=env)
+    assert config.model == tmp_path.resolve() and (config.router.host, config.router.port) == ("127.0.0.2", 9123)
+    assert not config.kv.enabled and config.mode is ServingMode.MERGED and config.pools == {Role.MERGED: 1}
+    assert config.tensor_parallel(Role.MERGED) == 2
+    assert AppConfig.load(env={**env, "USING_PREFIX_CONNECTOR": "1"}).kv.enabled
+    # YRLLM_* variables still win over them.
+    assert AppConfig.load(env={**env, "YRLLM_ROUTER__PORT": "9200", "YRLLM_PREFILL__TENSOR_PARALLEL": "1"}
+                          ).router.port == 9200
+    with pytest.raises(ConfigError, match="model: .*qwen2.5_7B is not a model directory"):
+        AppConfig.load(env=ORIGINAL_CASE_BLOCK)  # its MODEL_PATH is not on this machine
+
+
+@pytest.mark.parametrize("config, size, message", [
+    ({"num_attention_heads": 4, "num_key_value_heads": 2}, 3, "4 attention heads do not split over 3 ranks"),
+    ({"num_attention_heads": 12, "num_key_value_heads": 4}, 6, "4 KV heads neither split over 6 ranks"),
+    ({"num_attention_heads": 64, "num_key_value_heads": 64}, 64, "each rank needs a core of its own"),
+])
+def test_tensor_parallel_sizes_that_do_not_fit_the_model_or_the_host_are_clear_errors(tmp_path, config, size, message):
+    from app.engine.tensor_parallel import check_tensor_parallel
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message):
+        check_tensor_parallel(tmp_path, size, field="prefill.tensor_parallel")
+    check_tensor_parallel(tmp_path, 1, field="prefill.tensor_parallel")  # 1 always fits
+
+
+def test_pools_share_kv_objects_of_the_largest_tensor_parallel_size_or_are_refused(tmp_path):
+    from app.engine.tensor_parallel import kv_splits
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 12, "num_key_value_heads": 6}))
+    assert kv_splits(tmp_path, {1}) == 1 and kv_splits(tmp_path, {1, 2}) == 2 and kv_splits(tmp_path, {2, 6}) == 6
+    with pytest.raises(ConfigError, match=r"\(2 and 3\) cannot share KV blocks"):
+        kv_splits(tmp_path, {2, 3})

@@ -10,11 +10,11 @@ import torch
 
 from app.kv.block_format import CorruptBlock, object_size, read_block, write_block
 from app.kv.journal import HandoffResult, JournalReader, JournalWriter, KVOp, journal_file
-from app.kv.keys import KVNamespace, block_keys, layout_tag
+from app.kv.keys import KVNamespace, block_keys, layout_tag, object_keys
 from app.kv.ledger import KVLedger
 from app.kv.scheduling import BlockScheduler, Handoff, StepRequest
 from app.kv.store import StoreUnavailable
-from app.kv.transfer import BlockCopier, UnsupportedLayout
+from app.kv.transfer import BlockCopier, RankShare, UnsupportedLayout
 
 BLOCK = 4
 NAMESPACE = KVNamespace(fingerprint="ab" * 16, dtype="float32", block_size=BLOCK,
@@ -31,7 +31,7 @@ def test_keys_are_a_chain_shared_by_prompts_with_the_same_prefix():
 
 
 @pytest.mark.parametrize("change", [{"fingerprint": "cd" * 16}, {"dtype": "bfloat16"}, {"block_size": 8},
-                                    {"layout": "other"}, {"tp_rank": 1}])
+                                    {"layout": "other"}, {"splits": 2}])
 def test_anything_the_bytes_depend_on_changes_every_key(change):
     other = NAMESPACE.model_copy(update=change)
     tokens = list(range(16))
@@ -348,3 +348,54 @@ def test_a_request_whose_tokens_do_not_decide_its_kv_is_neither_loaded_nor_store
     scheduler.allocated("image", [1, 2, 3], 0)
     assert scheduler.step([StepRequest("image", 12, [1, 2, 3], replace=True)]) == ([], [])
     assert store.asked == 0
+
+
+def _rank_caches(full: list[torch.Tensor], rank: int, size: int) -> list[torch.Tensor]:
+    """What rank ``rank`` of ``size`` holds of each layer's full cache: its KV heads, as vLLM splits them
+    (a head replicated when there are more ranks than heads)."""
+    heads = full[0].shape[1]
+    if size <= heads:
+        per = heads // size
+        return [layer[:, rank * per:(rank + 1) * per].clone() for layer in full]
+    return [layer[:, rank // (size // heads):rank // (size // heads) + 1].clone() for layer in full]
+
+
+@pytest.mark.parametrize(("writer", "reader", "splits"), [(2, 1, 2), (1, 2, 2), (2, 2, 2), (4, 1, 2), (1, 4, 2),
+                                                          (4, 2, 2), (1, 1, 1)])
+def test_kv_heads_written_at_one_tensor_parallel_size_are_read_at_another(writer, reader, splits):
+    """Objects of whole heads: every rank of the writing pool stores its own, every rank of the reading
+    pool loads its own, and the reading ranks' caches end up exactly the writer's heads."""
+    full = [torch.randn(3, 2, BLOCK, 16).to(torch.bfloat16) for _ in range(2)]  # 2 layers, 2 KV heads
+    store: dict[int, bytes] = {}
+    for rank in range(writer):
+        caches = _rank_caches(full, rank, writer)
+        copier = BlockCopier(NAMESPACE.digest, caches, tuple(caches[0].shape[1:]), RankShare.of(rank, writer, 2, splits))
+        for part in copier.share.stores:
+            data = bytearray(copier.object_size)
+            copier.fill(1, memoryview(data), part)
+            assert part not in store, "two ranks wrote the same object"
+            store[part] = bytes(data)
+    assert sorted(store) == list(range(splits))
+    for rank in range(reader):
+        expected = _rank_caches(full, rank, reader)
+        caches = [torch.zeros_like(layer) for layer in expected]
+        copier = BlockCopier(NAMESPACE.digest, caches, tuple(caches[0].shape[1:]), RankShare.of(rank, reader, 2, splits))
+        for part in copier.share.loads:
+            copier.load(0, memoryview(store[part]), part)
+        assert all(torch.equal(got[0], want[1]) for got, want in zip(caches, expected))
+        assert all(not got[1:].any() for got in caches)  # no other block touched
+
+
+def test_sizes_that_cannot_share_one_split_of_the_heads_are_refused():
+    with pytest.raises(UnsupportedLayout, match="does not divide"):
+        RankShare.of(0, 2, 3, 3)
+    with pytest.raises(UnsupportedLayout, match="do not split"):
+        RankShare.of(0, 1, 3, 2)
+
+
+def test_object_keys_are_the_block_keys_without_splits_and_distinct_per_split():
+    keys = block_keys(NAMESPACE, list(range(8)), 2)
+    assert object_keys(NAMESPACE, keys) == keys
+    split = NAMESPACE.model_copy(update={"splits": 2})
+    objects = object_keys(split, keys)
+    assert len(set(objects)) == 4 and object_keys(split, keys, [1]) == objects[1::2]

@@ -24,7 +24,7 @@ from app.control.supervisor import Supervisor
 from app.control.weight_client import WeightCacheClient
 from app.engine.pool import ENGINE_POOL
 from app.engine.spec import EngineSpec
-from app.engine.tensor_parallel import check_tensor_parallel
+from app.engine.tensor_parallel import check_tensor_parallel, kv_splits
 from app.kv.settings import ConnectorSettings
 from app.replica import Node, Role
 from app.runtime.openyuanrong import Runtime
@@ -56,6 +56,7 @@ class App:
         self._supervisor: Supervisor | None = None
         self._kv: KVAccountant | None = None  # None: kv.enabled is off
         self._holds_pool = False  # uses the process's engine pool (ENGINE_POOL.hold)
+        self._kv_splits = 1  # objects per KV block: every pool's ranks read and write whole ones
         self._log_dir = Path(tempfile.mkdtemp(prefix="yrllm-logs-"))
         self.model_dir: Path | None = None
         self.served_model_name: str | None = None
@@ -80,9 +81,11 @@ class App:
 
         self.model_dir = self.config.model or demo_model_dir(self.config.demo_cache_dir)
         self.served_model_name = self.config.served_model_name or self.model_dir.name
-        for role in self.config.mode.roles:  # before anything starts: a size that cannot fit is an error now
-            check_tensor_parallel(self.model_dir, self.config.tensor_parallel(role), threads=self.config.engine.threads,
+        sizes = {role: self.config.tensor_parallel(role) for role in self.config.mode.roles}
+        for role, size in sizes.items():  # before anything starts: a size that cannot fit is an error now
+            check_tensor_parallel(self.model_dir, size, threads=self.config.engine.threads,
                                   field=f"{'decode' if role is Role.DECODE else 'prefill'}.tensor_parallel")
+        self._kv_splits = kv_splits(self.model_dir, set(sizes.values()))
         # Standbys warm up (imports, ~10 s of CPU) while the data system worker starts.
         ENGINE_POOL.hold()
         self._holds_pool = True
@@ -133,7 +136,7 @@ class App:
         if kv.enabled and self._identity is not None and self._runtime.ds_address:
             spec = spec.model_copy(update={"kv_connector": ConnectorSettings(
                 ds_address=self._runtime.ds_address, fingerprint=self._identity.fingerprint,
-                journal=spec.kv_journal_path, timeout_ms=kv.timeout_ms, ttl_s=kv.ttl_s)})
+                journal=spec.kv_journal_path, timeout_ms=kv.timeout_ms, ttl_s=kv.ttl_s, splits=self._kv_splits)})
         if node is not None:
             spec = spec.on_node(node).model_copy(update={"node_from_host": self._runtime.mode is RuntimeMode.CLUSTER})
         return spec

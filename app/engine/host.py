@@ -22,7 +22,7 @@ import urllib.request
 from app.engine.launch_report import LaunchReport, WorkersReport
 from app.engine.pool import ENGINE_POOL
 from app.engine.spec import EngineSpec
-from app.kv.journal import SIDES, JournalReader
+from app.kv.journal import SIDES, JournalReader, rank_journal
 from app.replica import ReplicaInfo, ReplicaState
 from app.runtime.processes import ChildProcess, free_port, is_live_child, parent_pid
 from app.weights.load_report import LoadReport
@@ -48,7 +48,8 @@ class EngineHost:
         self._workers: dict[int, int] = {}  # tensor parallel: each worker's pid -> its parent's, once ready
         self._lock = threading.Lock()
         self.timeline: dict[str, float] = {"actor_up": time.time()}
-        self._kv_journals = [JournalReader(spec.kv_journal_path, side) for side in SIDES] \
+        self._kv_journals = [JournalReader(spec.kv_journal_path, SIDES[0])] + [
+            JournalReader(rank_journal(spec.kv_journal_path, rank), SIDES[1]) for rank in range(spec.tensor_parallel)] \
             if spec.kv_connector else []
 
     @property

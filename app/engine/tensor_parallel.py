@@ -29,3 +29,22 @@ def check_tensor_parallel(model_dir: Path, size: int, *, field: str, threads: in
     if size > (threads or cores):
         raise ConfigError(f"{field}={size}: each rank needs a core of its own, and engines get "
                           f"{threads or cores} (engine.threads={threads}, {cores} cores on this host)")
+
+
+def kv_splits(model_dir: Path, sizes: set[int]) -> int:
+    """Objects per KV block for an App whose pools run the tensor parallel ``sizes``: the largest size,
+    at most the model's KV heads, so that every rank of every pool reads and writes whole objects of
+    its own heads. Raises ConfigError for sizes that cannot share one split (2 and 3, say)."""
+    from app.kv.transfer import RankShare, UnsupportedLayout
+
+    config = json.loads((model_dir / "config.json").read_text())
+    config = config.get("text_config", config)
+    kv_heads = config.get("num_key_value_heads", config.get("num_attention_heads", 1))
+    splits = min(kv_heads, max(sizes))
+    for size in sorted(sizes):
+        try:
+            RankShare.of(0, size, kv_heads, splits)
+        except UnsupportedLayout as exc:
+            raise ConfigError(f"prefill.tensor_parallel and decode.tensor_parallel ({' and '.join(map(str, sorted(sizes)))}) "
+                              f"cannot share KV blocks: {exc}. Use sizes that divide one another.") from None
+    return splits

@@ -11,8 +11,13 @@ A block that is missing, corrupt or of another layout is reported through
 ``get_block_ids_with_load_errors`` and vLLM recomputes it (``kv_load_failure_policy=recompute``); a
 corrupt object is deleted so that the next request does not trip on it. A data system that is gone
 means recompute, not an error. Where this connector cannot work (a KV layout that is not whole
-contiguous blocks, several KV cache groups, tensor parallelism) it logs why and stays off: every
+contiguous blocks, several KV cache groups, pipeline parallelism) it logs why and stays off: every
 request then computes as without it.
+
+Tensor parallelism: the scheduler (in EngineCore) plans per block; each worker stores and loads the
+objects of its own KV heads (``keys.object_keys``, ``transfer.RankShare``), and a block is a hit only
+when every object of it is stored. vLLM unions the workers' load errors, so a block one rank could
+not load is recomputed by all.
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from app.kv.block_format import CorruptBlock
-from app.kv.journal import SIDES, JournalWriter, KVOp
-from app.kv.keys import KVNamespace, layout_tag
+from app.kv.journal import SIDES, JournalWriter, KVOp, rank_journal
+from app.kv.keys import KVNamespace, layout_tag, object_keys
 from app.kv.scheduling import BlockScheduler, BlockTransfer, Handoff, StepRequest
 from app.kv.settings import ConnectorSettings
 from app.kv.store import BlockStore, StoreUnavailable, logger
-from app.kv.transfer import BlockCopier, UnsupportedLayout
+from app.kv.transfer import BlockCopier, RankShare, UnsupportedLayout
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -58,8 +63,10 @@ class DataSystemKVConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         settings = ConnectorSettings.model_validate(self._kv_transfer_config.kv_connector_extra_config)
         self._store = BlockStore(settings.ds_address, settings.timeout_ms, settings.ttl_s)
-        side = SIDES[0] if role is KVConnectorRole.SCHEDULER else SIDES[1]
-        self._journal = JournalWriter(settings.journal, side)
+        # Each tensor-parallel worker keeps a journal of its own (rank_journal).
+        self._journal = JournalWriter(settings.journal, SIDES[0]) if role is KVConnectorRole.SCHEDULER else \
+            JournalWriter(rank_journal(settings.journal, _tp_rank(vllm_config)), SIDES[1])
+        self._vllm_config = vllm_config
         self._namespace, self._block_shape, refusal = _namespace(vllm_config, kv_cache_config, settings)
         self._scheduler: BlockScheduler | None = None
         self._copier: BlockCopier | None = None
@@ -116,12 +123,13 @@ class DataSystemKVConnector(KVConnectorBase_V1):
             return
         try:
             self._copier = BlockCopier(self._namespace.digest, [kv_caches[name] for name in self._layer_names],
-                                       self._block_shape)
+                                       self._block_shape, _rank_share(self._vllm_config, self._namespace))
         except (UnsupportedLayout, KeyError) as exc:
             logger.warning("KV blocks are not shared through the data system: %s", exc)
             return
-        logger.info("KV blocks shared through the data system: %d layers, %d bytes per block (%s)",
-                    len(self._layer_names), self._copier.object_size, self._namespace.prefix)
+        logger.info("KV blocks shared through the data system: %d layers, objects %s of %d per block, %d bytes "
+                    "each (%s)", len(self._layer_names), list(self._copier.share.loads), self._namespace.splits,
+                    self._copier.object_size, self._namespace.prefix)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         metadata = self._get_connector_metadata()
@@ -134,32 +142,38 @@ class DataSystemKVConnector(KVConnectorBase_V1):
                 self._load(transfer)
 
     def _load(self, transfer: BlockTransfer) -> None:
+        """Load this rank's objects of each block, in order, up to the first block one is missing of."""
+        assert self._copier is not None
         started = time.perf_counter()
+        parts = self._copier.share.loads
+        keys = object_keys(self._namespace, transfer.keys, parts)
         loaded, reason = 0, None
         try:
-            views = self._store.get(transfer.keys)
+            views = self._store.get(keys)
         except StoreUnavailable as exc:
             views, reason = [], f"data system unavailable: {exc}"
-        for key, block_id, view in zip(transfer.keys, transfer.block_ids, views):
+        for index, (key, view) in enumerate(zip(keys, views)):
             if view is None:
                 reason = "evicted before it was read"
                 break
             try:
-                self._copier.load(block_id, view)
+                self._copier.load(transfer.block_ids[index // len(parts)], view, parts[index % len(parts)])
             except CorruptBlock as exc:
                 reason = f"corrupt: {exc}"
                 self._delete(key)
                 break
             loaded += 1
-        if loaded:
-            self._store.refresh(transfer.keys[:loaded])  # in use: not to expire while it is
-            self._journal.record(KVOp.LOADED, keys=transfer.keys[:loaded], bytes=loaded * self._copier.object_size,
+        blocks = loaded // len(parts)  # whole blocks: a block with one object missing is recomputed
+        if blocks:
+            done = keys[:blocks * len(parts)]
+            self._store.refresh(done)  # in use: not to expire while it is
+            self._journal.record(KVOp.LOADED, keys=done, bytes=len(done) * self._copier.object_size,
                                  seconds=round(time.perf_counter() - started, 6))
-        if loaded < len(transfer.keys):
-            self._load_errors.update(transfer.block_ids[loaded:])
-            self._journal.record(KVOp.LOAD_FAILED, keys=transfer.keys[loaded:], reason=reason)
+        if blocks < len(transfer.keys):
+            self._load_errors.update(transfer.block_ids[blocks:])
+            self._journal.record(KVOp.LOAD_FAILED, keys=keys[blocks * len(parts):], reason=reason)
             logger.warning("request %s: %d KV blocks recomputed (%s)", transfer.req_id,
-                           len(transfer.keys) - loaded, reason)
+                           len(transfer.keys) - blocks, reason)
 
     def _delete(self, key: str) -> None:
         try:
@@ -177,15 +191,20 @@ class DataSystemKVConnector(KVConnectorBase_V1):
         metadata = self._get_connector_metadata()
         if self._copier is None or not isinstance(metadata, DataSystemKVMetadata):
             return
+        parts = self._copier.share.stores
+        if not parts:
+            return  # this rank's heads are replicas of another rank's, which stores them
+        copier = self._copier
         for transfer in metadata.stores:
             started = time.perf_counter()
+            keys = object_keys(self._namespace, transfer.keys, parts)
             try:
-                self._store.put(transfer.keys, self._copier.object_size,
-                                lambda index, out, ids=transfer.block_ids: self._copier.fill(ids[index], out))
+                self._store.put(keys, copier.object_size, lambda index, out, ids=transfer.block_ids: copier.fill(
+                    ids[index // len(parts)], out, parts[index % len(parts)]))
             except StoreUnavailable as exc:
-                self._journal.record(KVOp.NOT_STORED, keys=transfer.keys, reason=str(exc).splitlines()[0])
+                self._journal.record(KVOp.NOT_STORED, keys=keys, reason=str(exc).splitlines()[0])
                 continue
-            self._journal.record(KVOp.STORED, keys=transfer.keys, bytes=len(transfer.keys) * self._copier.object_size,
+            self._journal.record(KVOp.STORED, keys=keys, bytes=len(keys) * copier.object_size,
                                  seconds=round(time.perf_counter() - started, 6))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -195,18 +214,30 @@ class DataSystemKVConnector(KVConnectorBase_V1):
 
 def _namespace(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig",
                settings: ConnectorSettings) -> tuple[KVNamespace | None, tuple[int, ...], str | None]:
-    """The namespace of this engine's blocks and the per-block cache shape, or why there is none."""
+    """The namespace of this engine's blocks and the per-block shape of this rank's cache, or why there
+    is none."""
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1 or type(groups[0].kv_cache_spec) is not FullAttentionSpec:
         kinds = [type(group.kv_cache_spec).__name__ for group in groups]
         return None, (), f"needs one full-attention KV cache group, got {kinds}"
-    tp_size = vllm_config.parallel_config.tensor_parallel_size
-    if tp_size != 1 or vllm_config.parallel_config.pipeline_parallel_size != 1:
-        return None, (), "tensor or pipeline parallelism is not supported yet"
+    if vllm_config.parallel_config.pipeline_parallel_size != 1:
+        return None, (), "pipeline parallelism is not supported yet"
     spec = groups[0].kv_cache_spec
-    # vLLM's CPU layout: [num_blocks, num_kv_heads, block_size, 2 * head_size].
+    total_heads = vllm_config.model_config.get_total_num_kv_heads()
+    # vLLM's CPU layout: [num_blocks, num_kv_heads (this rank's), block_size, 2 * head_size].
     block_shape = (spec.num_kv_heads, spec.block_size, 2 * spec.head_size)
     namespace = KVNamespace(fingerprint=settings.fingerprint, dtype=str(spec.dtype).removeprefix("torch."),
-                            block_size=spec.block_size,
-                            layout=layout_tag(groups[0].layer_names, spec.num_kv_heads, spec.head_size, block_shape))
+                            block_size=spec.block_size, splits=settings.splits,
+                            layout=layout_tag(groups[0].layer_names, total_heads, spec.head_size, block_shape[1:]))
     return namespace, block_shape, None
+
+
+def _tp_rank(vllm_config: "VllmConfig") -> int:
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank() if vllm_config.parallel_config.tensor_parallel_size > 1 else 0
+
+
+def _rank_share(vllm_config: "VllmConfig", namespace: KVNamespace) -> RankShare:
+    return RankShare.of(_tp_rank(vllm_config), vllm_config.parallel_config.tensor_parallel_size,
+                        vllm_config.model_config.get_total_num_kv_heads(), namespace.splits)

@@ -47,6 +47,11 @@ class HandoffResult(str, Enum):
     LOAD_FAILED = "load_failed"  # found, but a block failed to load (corrupt, evicted meanwhile): recomputed
 
 
+def rank_journal(base: Path, rank: int) -> Path:
+    """The base name of tensor-parallel rank ``rank``'s worker journal (rank 0 keeps ``base``)."""
+    return base if rank == 0 else base.with_name(f"{base.name}-rank{rank}")
+
+
 def journal_file(base: Path, side: str, index: int = 0) -> Path:
     return base.with_name(f"{base.name}-{side}-{index}.jsonl")
 

@@ -3,8 +3,13 @@
 A block's KV depends on every token before it, so its key is a chain hash: block i's digest covers
 block i-1's digest and block i's token ids. The chain starts from the namespace's digest, which covers
 everything else the bytes depend on: the weights (their fingerprint), the KV dtype, the block size, the
-KV layout (layers, heads, head size) and the rank. Two replicas find each other's blocks exactly when
-they would have computed the same bytes.
+KV layout (layers, heads, head size). Two replicas find each other's blocks exactly when they would
+have computed the same bytes.
+
+With tensor parallelism each rank holds some of the KV heads, so a block is stored as ``splits`` objects
+of whole KV heads each (``object_keys``): every rank writes and reads the objects of its own heads, and
+pools of different tensor parallel sizes read the same objects. ``splits`` is one number for the whole
+App (the largest TP size of its pools, at most the heads); 1 is one object per block.
 """
 
 from __future__ import annotations
@@ -30,8 +35,7 @@ class KVNamespace(BaseModel):
     dtype: str
     block_size: int = Field(gt=0)
     layout: str  # layers, heads, head size and the device's cache shape: ``layout_tag``
-    tp_rank: int = Field(0, ge=0)
-    tp_size: int = Field(1, ge=1)
+    splits: int = Field(1, ge=1)  # objects per block, each of kv_heads / splits whole heads
 
     @property
     def digest(self) -> bytes:
@@ -42,9 +46,18 @@ class KVNamespace(BaseModel):
         return check_key(f"{KEY_PREFIX}_kv_{self.digest.hex()[:16]}")
 
 
+def object_keys(namespace: KVNamespace, block_keys: Sequence[str], splits: Sequence[int] | None = None) -> list[str]:
+    """The data system keys of ``block_keys``' objects: block by block, the objects ``splits`` (all of
+    them if None) in order. With one split an object's key is its block's."""
+    if namespace.splits == 1:
+        return list(block_keys)
+    parts = range(namespace.splits) if splits is None else splits
+    return [check_key(f"{key}_s{part}of{namespace.splits}") for key in block_keys for part in parts]
+
+
 def layout_tag(layers: Sequence[str], num_kv_heads: int, head_size: int, shape: Sequence[int]) -> str:
-    """The KV layout as one string: the attention layers (by name, in order), their heads and head
-    size, and the per-block shape of the cache tensor."""
+    """The KV layout as one string: the attention layers (by name, in order), the model's KV heads and
+    head size, and the per-head shape of a block in the cache tensor."""
     names = hashlib.sha256("\n".join(layers).encode()).hexdigest()[:16]
     return f"L{len(layers)}_{names}_H{num_kv_heads}_D{head_size}_S{'x'.join(map(str, shape))}"
 

@@ -19,7 +19,7 @@ from enum import Enum
 from typing import Iterable, Sequence
 
 from app.kv.journal import HandoffResult, JournalWriter, KVOp
-from app.kv.keys import KVNamespace, block_keys
+from app.kv.keys import KVNamespace, block_keys, object_keys
 from app.kv.store import BlockStore, StoreUnavailable
 
 
@@ -118,8 +118,9 @@ class BlockScheduler:
         return tokens
 
     def _present(self, keys: list[str], default: int) -> int:
+        """Blocks of ``keys``, from the first, whose every object (every rank's heads) is stored."""
         try:
-            return self._store.present_prefix(keys)
+            return self._store.present_prefix(object_keys(self._namespace, keys)) // self._namespace.splits
         except StoreUnavailable:
             return default
 

@@ -20,6 +20,7 @@ class ConnectorSettings(BaseModel):
     journal: Path  # this engine's journal: the base name of its files (``app.kv.journal``)
     timeout_ms: int = Field(gt=0)
     ttl_s: int = Field(ge=0)
+    splits: int = Field(1, ge=1)  # objects per block (``keys``): the App's largest TP size, at most the KV heads
 
     def transfer_config(self) -> str:
         """The value of vLLM's ``--kv-transfer-config``."""
