@@ -85,6 +85,11 @@ class EngineConfig(_Section):
                                                "EngineCore: 'fork' (the warm standby forks it: no second "
                                                "import) or 'spawn' (vLLM's standard path). fork falls back "
                                                "to spawn, with the reason, where its prerequisites fail.")
+    tp_workers: Literal["fork", "spawn"] = Field("fork", description="Tensor parallel > 1: how the EngineCore "
+                                                 "starts one worker per rank: 'fork' (from the pre-imported core: "
+                                                 "no import) or 'spawn' (vLLM's own mp executor: each worker "
+                                                 "imports torch and vLLM again, ~7 s on 2 cores). fork falls back "
+                                                 "to spawn, with the reason, where its prerequisites fail.")
 
 
 class WeightsConfig(_Section):

@@ -65,13 +65,14 @@ def standby(timeout_s: float = 300) -> psutil.Process:
     raise TimeoutError("no standby became warm")
 
 
-def app_config(model: Path, launcher: str, cache: Path):
+def app_config(model: Path, launcher: str, cache: Path, tp: int = 1, tp_workers: str = "fork"):
     from app import AppConfig
 
     nbytes = sum(path.stat().st_size for path in weight_files(model))
     return AppConfig.load(env={}, overrides={
         "model": str(model), "router.port": 0, "engine.dtype": DTYPE, "engine.max_model_len": MAX_MODEL_LEN,
         "engine.kv_cache_gib": KV_CACHE_GIB, "engine.launcher": launcher, "replicas": 1,
+        "prefill.tensor_parallel": tp, "engine.tp_workers": tp_workers,
         "runtime.ds_shared_memory_mb": max(1024, nbytes * 2 >> 20), "demo_cache_dir": str(cache)})
 
 
@@ -84,17 +85,19 @@ def replica_phases(replica: dict, log_files: dict[str, str]) -> dict:
         phases.update(engine_phases(log_file))
     weights = replica.get("weights") or {}
     return {"marks": marks, "launcher": launch.get("launcher"), "launch_reason": launch.get("reason"),
+            "workers": (launch.get("workers") or {}).get("method"),
             "preimported_modules": launch.get("preimported_modules"), "weights_s": weights.get("seconds"),
             "weights_plan": weights.get("plan"), "weights_source": weights.get("source"), **phases}
 
 
-def launcher_run(shape: DemoShape, launcher: str, cache: Path, repeats: int) -> dict:
+def launcher_run(shape: DemoShape, launcher: str, cache: Path, repeats: int, tp: int = 1,
+                 tp_workers: str = "fork") -> dict:
     from app import App
 
     model = demo_model_dir(cache, shape, DTYPE)
-    out: dict = {"launcher": launcher, "replicas": []}
+    out: dict = {"launcher": launcher, "tensor_parallel": tp, "tp_workers": tp_workers, "replicas": []}
     started = time.time()
-    with App(app_config(model, launcher, cache)) as app:
+    with App(app_config(model, launcher, cache, tp, tp_workers)) as app:
         (seed,) = app.start_report.replicas
         out["app_start_s"] = round(time.time() - started, 2)
         out["worker_ready_to_serving_s"] = round(seed.timeline["first_token"] - app.status()["runtime_ready_at"], 2)
@@ -128,7 +131,7 @@ def first_token(url: str, model: str, deadline: float) -> None:
     raise TimeoutError(f"{url} gave no first token")
 
 
-def plain_vllm(shape: DemoShape, cache: Path) -> dict:
+def plain_vllm(shape: DemoShape, cache: Path, tp: int = 1) -> dict:
     """``python -m vllm.entrypoints.openai.api_server`` on the same model, from process start to its
     first token, as a user without this project would run it."""
     from app.runtime.processes import free_port
@@ -144,7 +147,8 @@ def plain_vllm(shape: DemoShape, cache: Path) -> dict:
         server = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
              "--host", "127.0.0.1", "--dtype", DTYPE, "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
-             "--kv-cache-memory-bytes", str(int(KV_CACHE_GIB * 2**30)), "--distributed-executor-backend", "uni",
+             "--kv-cache-memory-bytes", str(int(KV_CACHE_GIB * 2**30)),
+             "--distributed-executor-backend", "uni" if tp == 1 else "mp", "--tensor-parallel-size", str(tp),
              "--served-model-name", "plain"], stdout=log_file, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)
         process = psutil.Process(server.pid)
@@ -165,6 +169,51 @@ def plain_vllm(shape: DemoShape, cache: Path) -> dict:
 def shape_run(shape: DemoShape, cache: Path, repeats: int) -> dict:
     return {"fork": launcher_run(shape, "fork", cache, repeats), "spawn": launcher_run(shape, "spawn", cache, repeats),
             "plain": plain_vllm(shape, cache)}
+
+
+def tp_run(shape: DemoShape, cache: Path, repeats: int, tp: int) -> dict:
+    """Tensor parallel ``tp``: workers forked from the EngineCore, workers spawned by vLLM, plain vLLM."""
+    return {"forked workers": launcher_run(shape, "fork", cache, repeats, tp, "fork"),
+            "spawned workers": launcher_run(shape, "fork", cache, repeats, tp, "spawn"),
+            "plain": plain_vllm(shape, cache, tp)}
+
+
+#: Targets of the tensor-parallel issue: TP=2 mapped replica scale() -> first token, and the ratio.
+TP_TARGETS_S = {DemoShape.TINY.value: 2.5, DemoShape.QWEN2_5_0_5B.value: 3.0}
+TP_TARGET_RATIO = 4.0
+
+
+def summarise_tp(results: dict, tp: int) -> str:
+    lines = [f"Tensor parallel {tp}, {results['conditions']}, {results['repeats']} scale-outs per row (medians), "
+             "seconds from `scale()`. Every row's replica maps its weights, rank by rank; its EngineCore is forked "
+             "from a warm standby. 'forked workers': the core forks its rank workers (`engine.tp_workers: fork`); "
+             "'spawned workers': vLLM's mp executor spawns them (`engine.tp_workers: spawn`), each importing torch "
+             "and vLLM again; 'plain vLLM': `vllm.entrypoints.openai.api_server --tensor-parallel-size "
+             f"{tp}` from process start.", "",
+             "| shape | workers | forked | weights | /health | **first token** | CPU s |", "|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for shape, runs in results["shapes"].items():
+        first = {}
+        for name in ("forked workers", "spawned workers"):
+            rows = runs[name]["replicas"]
+            med = {mark: _median([r["marks"].get(mark) for r in rows])
+                   for mark in ("core_forked", "weights_loaded", "engine_ready", "first_token")}
+            first[name] = med["first_token"]
+            methods = sorted({r.get("workers") or "?" for r in rows})
+            lines.append(f"| {shape} | {name} ({'/'.join(methods)}) | {med['core_forked']} | {med['weights_loaded']} | "
+                         f"{med['engine_ready']} | **{med['first_token']}** | "
+                         f"{_median([r['cpu_s'] for r in rows])} |")
+        plain = runs["plain"]
+        lines.append(f"| {shape} | plain vLLM server | – | – | – | **{plain['first_token_s']}** | {plain['cpu_s']} |")
+        target = TP_TARGETS_S.get(shape)
+        if target and first["forked workers"] is not None:
+            met = "met" if first["forked workers"] <= target else "MISSED"
+            verdicts.append(f"- {shape}: first token {first['forked workers']} s after `scale()` (target ≤ {target} s): {met}")
+        if first["forked workers"] and first["spawned workers"]:
+            ratio = first["spawned workers"] / first["forked workers"]
+            met = "met" if ratio >= TP_TARGET_RATIO else "MISSED"
+            verdicts.append(f"- {shape}: forked workers {ratio:.1f}x faster than spawned (target ≥ {TP_TARGET_RATIO:g}x): {met}")
+    return "\n".join(lines + [""] + verdicts)
 
 
 # ---- report ------------------------------------------------------------------------------------------
@@ -247,6 +296,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=[s.value for s in DemoShape], choices=[s.value for s in DemoShape])
     parser.add_argument("--quick", action="store_true", help="tiny and 0.5B shapes only")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="> 1: the tensor-parallel rows instead "
+                        "(forked against spawned workers and a plain vLLM server at that size)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "yrllm")
@@ -254,6 +305,17 @@ def main() -> None:
     if args.quick:
         args.shapes = [DemoShape.TINY.value, DemoShape.QWEN2_5_0_5B.value]
     started = time.time()
+    if args.tensor_parallel > 1:
+        tp = args.tensor_parallel
+        results = {"conditions": conditions(argparse.Namespace(quick=False)), "repeats": args.repeats,
+                   "shapes": {shape: tp_run(DemoShape(shape), args.cache, args.repeats, tp) for shape in args.shapes}}
+        results["seconds"] = round(time.time() - started, 1)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"start-tp{tp}.json").write_text(json.dumps(results, indent=1))
+        summary = summarise_tp(results, tp)
+        replace_section(ROOT / "BENCHMARKS.md", f"Replica start at tensor parallel {tp}", summary)
+        print(summary)
+        return
     results: dict = {"conditions": conditions(argparse.Namespace(quick=False)), "repeats": args.repeats,
                      "shapes": {shape: shape_run(DemoShape(shape), args.cache, args.repeats) for shape in args.shapes}}
     results["seconds"] = round(time.time() - started, 1)

@@ -62,10 +62,12 @@ def main() -> None:
 
     report = LaunchReport(replica_id=spec.replica_id, launcher=Launcher.SPAWN, preimported_modules=preimported,
                           spec_received_at=received, tensor_parallel=spec.tensor_parallel)
-    if spec.tensor_parallel > 1 and workers_refusal:
-        report.workers = WorkersReport(method=Launcher.SPAWN, reason=f"vLLM's mp executor: {workers_refusal}")
-        print(f"yrllm: tensor-parallel workers are spawned: {workers_refusal}", file=sys.stderr, flush=True)
-    server_args = spec.server_args(fork_workers=workers_refusal is None)
+    fork_workers = spec.tp_workers is Launcher.FORK and workers_refusal is None
+    if spec.tensor_parallel > 1 and not fork_workers:
+        reason = workers_refusal and f"fork unavailable: {workers_refusal}"
+        report.workers = WorkersReport(method=Launcher.SPAWN, reason=reason)
+        print(f"yrllm: tensor-parallel workers are spawned ({reason or 'as configured'})", file=sys.stderr, flush=True)
+    server_args = spec.server_args(fork_workers=fork_workers)
     args = parser.parse_args(server_args)
     configure_logging_from_args(args)  # before the fork: the core logs the same way
     validate_parsed_serve_args(args)

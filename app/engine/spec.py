@@ -42,6 +42,7 @@ class EngineSpec(BaseModel):
     start_timeout_s: float
     standby_processes: int = 0
     launcher: Launcher = Launcher.FORK
+    tp_workers: Launcher = Launcher.FORK  # how a tensor-parallel EngineCore starts its workers
     cache_dir: Path | None = None  # where engine processes record the modules a start imports
     kv_connector: ConnectorSettings | None = None  # None: no KV blocks through the data system
     node: Node | None = None  # the data system worker this engine uses for weights and KV blocks
@@ -57,7 +58,7 @@ class EngineSpec(BaseModel):
                    tensor_parallel=config.tensor_parallel(role),
                    enforce_eager=engine.enforce_eager, extra_args=list(engine.extra_args),
                    log_dir=log_dir, start_timeout_s=engine.start_timeout_s,
-                   launcher=Launcher(engine.launcher), cache_dir=config.demo_cache_dir / "engine",
+                   launcher=Launcher(engine.launcher), tp_workers=Launcher(engine.tp_workers), cache_dir=config.demo_cache_dir / "engine",
                    # Standbys help where engine actors share a process: local mode.
                    standby_processes=engine.standby_processes
                    if config.runtime.resolved_mode is RuntimeMode.LOCAL else 0)
