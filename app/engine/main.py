@@ -2,7 +2,7 @@
 
 Run as ``python -m app.engine.main`` by ``app.engine.pool``. Before it reads its spec (one JSON line on
 stdin) the process becomes a warm standby: it imports vLLM's server, the modules a real start imports
-(``preimports``), checks that it can fork an EngineCore (``launcher.fork_support``) and that the core
+(``preimports``), fills torch.compile's per-process caches (``preimports.warm_compiler``), checks that it can fork an EngineCore (``launcher.fork_support``) and that the core
 can fork its tensor-parallel workers (``forked_workers.fork_workers_support``), then collects
 and freezes its heap, so that neither vLLM's five full collections during start-up nor the forked
 core walk those objects again. No torch operation runs before the fork: OpenMP threads would start.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from app.engine.launch_report import Launcher, LaunchReport, WorkersReport
 from app.engine.launcher import external_engine_args, fork_core, fork_support, threads_running, watch_core
-from app.engine.preimports import CACHE_DIR_ENV, preimport, record_when_serving
+from app.engine.preimports import CACHE_DIR_ENV, preimport, record_when_serving, warm_compiler
 from app.engine.spec import EngineSpec
 from app.files import write_atomically
 from app.runtime.processes import child_environment, free_port
@@ -42,6 +42,7 @@ def main() -> None:
     parser = make_arg_parser(FlexibleArgumentParser(prog="engine"))
     cache_dir = Path(os.environ[CACHE_DIR_ENV]) if os.environ.get(CACHE_DIR_ENV) else None
     preimported = preimport(cache_dir)
+    warm_compiler()
     fork_refusal = fork_support(parser)
     workers_refusal = fork_workers_support()
     gc.collect()

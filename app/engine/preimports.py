@@ -58,6 +58,21 @@ def preimport(cache_dir: Path | None) -> int:
     return imported
 
 
+def warm_compiler() -> None:
+    """Fill the per-process caches of ``torch.compile`` that a forked child inherits, so that what a
+    replica compiles on its first request (at tensor parallel > 1, vLLM's vocab-parallel masking) only
+    loads its kernel from the inductor cache: the hash of torch's own sources (~0.4 s) and the CPU's
+    vector ISA, found by compiling and loading a probe (~0.5 s). Neither runs a torch operation, and the
+    probe's subprocesses have ended when this returns. Best effort: a failure only costs that time later."""
+    try:
+        from torch._inductor import codecache, cpu_vec_isa
+
+        codecache.torch_key()
+        cpu_vec_isa.pick_vec_isa()
+    except Exception:  # noqa: BLE001 - a hint, like the module list
+        logger.warning("could not warm torch.compile's caches", exc_info=True)
+
+
 def record_when_serving(health_url: str, cache_dir: Path | None, role: str, timeout_s: float) -> None:
     """In a daemon thread: once ``health_url`` answers, write this process's modules for ``role``."""
     if cache_dir is None:
