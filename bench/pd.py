@@ -2,10 +2,12 @@
 the KV handoff's transfer rate, side by side in one run, same model, same engines, same load.
 
     python -m bench.pd [--requests 8] [--concurrency 2] [--prompt-tokens 1024] [--output-tokens 32] [--threads 1]
+                       [--ptp 1 --dtp 1]
 
 Runs two Apps as users do (``python entrypoint.py``, each in its own process with its own data system
 worker) on the 0.5B demo shape in bfloat16: MERGED with two replicas, DISAGGREGATED with one prefill
-and one decode replica (two engines each). The same load goes to each Router in turns, ``--rounds``
+and one decode replica (two engines each; ``--ptp`` / ``--dtp`` set the disaggregated pools' tensor parallel
+sizes, as the original case's PTP and DTP do). The same load goes to each Router in turns, ``--rounds``
 times: ``--requests`` streamed completions, ``--concurrency`` at a time, each with a prompt of its own
 (``--prompt-tokens``) and ``--output-tokens`` generated tokens (``ignore_eos``). The client measures
 TTFT (request to first token) and TPOT (first to last token, per token). The handoff's rates come
@@ -29,6 +31,7 @@ from urllib.parse import urlsplit
 from app.control.demo_model import DemoShape, demo_model_dir
 from bench.driver import ROOT, start_driver, status, stop_driver, wait_until_quiet
 from bench.kv import memcpy_gbps, prefixes
+from bench.pd_report import report_name
 
 DEFAULT_OUT = ROOT / "bench" / "out"
 ARMS = ("merged", "disaggregated")
@@ -78,12 +81,13 @@ def run(args: argparse.Namespace) -> dict:
               # The handoff's KV must not be evicted before its decode leg reads it.
               "YRLLM_RUNTIME__DS_SHARED_MEMORY_MB": "4096"}
     args.out.mkdir(parents=True, exist_ok=True)
+    pools = {**common, "YRLLM_PREFILL__TENSOR_PARALLEL": str(args.ptp), "YRLLM_DECODE__TENSOR_PARALLEL": str(args.dtp)}
     drivers, urls = {}, {}
     try:
         drivers["merged"], urls["merged"] = start_driver(2, args.out / "pd-driver-merged.log", common)
         drivers["disaggregated"], urls["disaggregated"] = start_driver(
-            2, args.out / "pd-driver-disaggregated.log", common,
-            ["--mode", "disaggregated", "--prefill-replicas", "1", "--decode-replicas", "1"])
+            2, args.out / "pd-driver-disaggregated.log",
+            ["--mode", "disaggregated", "--prefill-replicas", "1", "--decode-replicas", "1"], pools)
         model = status(urls["merged"])["models"][0]
         first = next(r["url"] for r in status(urls["merged"])["replicas"] if r["state"] == "ready")
         # Prompts of their own per arm and round: no prefix is in any cache.
@@ -98,6 +102,7 @@ def run(args: argparse.Namespace) -> dict:
         kv = status(urls["disaggregated"])["kv"]
         return {"rounds": rounds, "kv": kv, "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
                 "concurrency": args.concurrency, "threads": args.threads,
+                "ptp": args.ptp, "dtp": args.dtp,
                 "memcpy_gbps": round(memcpy_gbps(args.prompt_tokens * 12_288), 2),
                 "cpus": os.cpu_count(), "model": "qwen2.5-0.5b shape (demo, random weights), bfloat16"}
     finally:
@@ -129,11 +134,13 @@ def main() -> None:
     # One thread per engine: each arm runs two engines on this machine's two cores, and with all cores
     # each (engine.threads 0) two busy engines oversubscribe them, which decides the result (FINDINGS.md).
     parser.add_argument("--threads", type=int, default=1, help="engine.threads of every engine (0: all cores)")
+    parser.add_argument("--ptp", type=int, default=1, help="tensor parallel size of the prefill pool")
+    parser.add_argument("--dtp", type=int, default=1, help="tensor parallel size of the decode pool")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     result = run(args)
     result["summary"] = summary(result)
-    (args.out / "pd.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{report_name(args.ptp, args.dtp)}.json").write_text(json.dumps(result, indent=1))
     from bench.pd_report import report
 
     report(result, args.out, publish=args.out == DEFAULT_OUT)

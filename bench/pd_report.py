@@ -10,6 +10,11 @@ from bench.report import write_section
 TITLE = "Disaggregated prefill/decode against merged serving"
 
 
+def report_name(ptp: int, dtp: int) -> str:
+    """The run's file name: ``pd``, or with the pools' tensor parallel sizes where either is not 1."""
+    return "pd" if ptp == dtp == 1 else f"pd-ptp{ptp}-dtp{dtp}"
+
+
 def report(result: dict, out: Path, publish: bool) -> None:
     s, kv = result["summary"], result["kv"]
     merged, split = s["merged"], s["disaggregated"]
@@ -30,7 +35,11 @@ def report(result: dict, out: Path, publish: bool) -> None:
         f"{len(result['rounds']['merged'])} rounds: {merged['requests'] // len(result['rounds']['merged'])} "
         f"streamed completions per round, {result['concurrency']} at a time, each with a {result['prompt_tokens']}-"
         f"token prompt of its own and {result['output_tokens']} generated tokens; measured by the client, "
-        f"nothing else running. `engine.threads`: {result.get('threads') or 'all cores'} per engine.", "",
+        f"nothing else running. `engine.threads`: {result.get('threads') or 'all cores'} per engine"
+        + (f" (shared among its ranks). Tensor parallel: the disaggregated App's prefill engine "
+           f"{result['ptp']}, decode {result['dtp']}; the merged replicas 1. With a size above 1 a KV block "
+           "is stored as objects of whole KV heads, one per rank of the larger pool: the block counts below "
+           "count those objects." if result.get("ptp", 1) != 1 or result.get("dtp", 1) != 1 else "."), "",
         "| | merged | disaggregated | disaggregated / merged |", "|---|---|---|---|",
         row("TTFT p50", "ttft_p50_s", 1, "s", 2),
         row("TTFT p90", "ttft_p90_s", 1, "s", 2),
@@ -54,4 +63,6 @@ def report(result: dict, out: Path, publish: bool) -> None:
         "between the pools' nodes, not measured here (one node; issue 13 brings cross-node reads).",
         "",
     ]
-    write_section(out, "pd", TITLE, "\n".join(lines), publish)
+    name = report_name(result.get("ptp", 1), result.get("dtp", 1))
+    title = TITLE if name == "pd" else f"{TITLE}, PTP={result['ptp']} DTP={result['dtp']}"
+    write_section(out, name, title, "\n".join(lines), publish)

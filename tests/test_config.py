@@ -203,3 +203,17 @@ def test_pools_share_kv_objects_of_the_largest_tensor_parallel_size_or_are_refus
     assert kv_splits(tmp_path, {1}) == 1 and kv_splits(tmp_path, {1, 2}) == 2 and kv_splits(tmp_path, {2, 6}) == 6
     with pytest.raises(ConfigError, match=r"\(2 and 3\) cannot share KV blocks"):
         kv_splits(tmp_path, {2, 3})
+
+
+def test_a_tensor_parallel_size_the_model_cannot_take_stops_entrypoint_before_anything_starts(model_dir):
+    """The demo model has 4 attention heads: PTP=3 is refused with the numbers, exit code 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "MODEL_PATH": str(model_dir), "PTP": "3",
+           "SERVER_PORT": "0"}
+    done = subprocess.run([sys.executable, "entrypoint.py"], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: prefill.tensor_parallel=3: the model's 4 attention heads do not split over 3 ranks" in done.stderr

@@ -33,6 +33,7 @@ from vllm.logger import init_logger
 from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
 from app.engine.launch_report import FORKED_WORKERS_EXECUTOR, Launcher, WorkersReport
+from app.engine.preimports import CACHE_DIR_ENV, HEALTH_URL_ENV, record_when_serving
 from app.files import write_atomically
 from app.runtime.processes import die_with_parent
 
@@ -123,6 +124,11 @@ def _in_forked_worker() -> None:
     if not _forking:
         return
     die_with_parent()  # a worker never outlives its EngineCore, even one that was SIGKILLed
+    # What a worker imports that its EngineCore did not (the model runner, the model): recorded, so
+    # that the next standby imports it ahead (``preimports``).
+    cache_dir = os.environ.get(CACHE_DIR_ENV)
+    if cache_dir and os.environ.get(HEALTH_URL_ENV):
+        record_when_serving(os.environ[HEALTH_URL_ENV], Path(cache_dir), "worker", timeout_s=600)
     cpus = _bound_cpus(os.environ)
     if cpus:
         os.sched_setaffinity(0, cpus)

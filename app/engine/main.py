@@ -21,7 +21,7 @@ from pathlib import Path
 
 from app.engine.launch_report import Launcher, LaunchReport, WorkersReport
 from app.engine.launcher import external_engine_args, fork_core, fork_support, threads_running, watch_core
-from app.engine.preimports import CACHE_DIR_ENV, preimport, record_when_serving, warm_compiler
+from app.engine.preimports import CACHE_DIR_ENV, HEALTH_URL_ENV, preimport, record_when_serving, warm_compiler
 from app.engine.spec import EngineSpec
 from app.files import write_atomically
 from app.runtime.processes import child_environment, free_port
@@ -57,7 +57,8 @@ def main() -> None:
     # The pool started us with spec.environment() already; applied again for whoever runs us by hand.
     # Computed before the clear: it is this environment with the spec's changes.
     environment = child_environment({**spec.environment(os.cpu_count() or 1),
-                                     WORKERS_REPORT_ENV: str(spec.workers_report_path)})
+                                     WORKERS_REPORT_ENV: str(spec.workers_report_path),
+                                     HEALTH_URL_ENV: f"{spec.url}/health"})
     os.environ.clear()
     os.environ.update(environment)
 

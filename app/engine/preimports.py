@@ -1,9 +1,9 @@
 """The modules a real engine start imports, recorded per vLLM version and imported by standby processes
 before they get a spec, so that the start itself imports almost nothing.
 
-Recorded, not kept by hand: once an engine serves, each of its processes (the API server and the
-EngineCore) writes the names in its ``sys.modules`` to a file of its own under the cache directory; a
-standby imports the union of both. A name that fails to import is skipped: the list is a hint that
+Recorded, not kept by hand: once an engine serves, each of its processes (the API server, the
+EngineCore and, with tensor parallelism, its workers) writes the names in its ``sys.modules`` to a file
+of its own under the cache directory; a standby imports the union of them. A name that fails to import is skipped: the list is a hint that
 makes a start faster, never a condition for it.
 """
 
@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 
 #: The engine processes' environment names the cache directory (a standby has no spec yet).
 CACHE_DIR_ENV = "YRLLM_ENGINE_CACHE_DIR"
-ROLES = ("server", "core")
+#: Names the engine's /health URL, for processes that are not told their spec (tensor-parallel workers).
+HEALTH_URL_ENV = "YRLLM_ENGINE_HEALTH_URL"
+ROLES = ("server", "core", "worker")
 _NEVER = ("__main__", "__mp_main__")
 
 
@@ -73,8 +75,11 @@ def warm_compiler() -> None:
         logger.warning("could not warm torch.compile's caches", exc_info=True)
 
 
-def record_when_serving(health_url: str, cache_dir: Path | None, role: str, timeout_s: float) -> None:
-    """In a daemon thread: once ``health_url`` answers, write this process's modules for ``role``."""
+def record_when_serving(health_url: str, cache_dir: Path | None, role: str, timeout_s: float,
+                        again_after_s: float = 10.0) -> None:
+    """In a daemon thread: once ``health_url`` answers, write this process's modules for ``role``, and
+    again ``again_after_s`` later, when the App's first-token probe has imported what a first request
+    imports (at tensor parallel > 1, torch.compile's runtime)."""
     if cache_dir is None:
         return
 
@@ -90,15 +95,21 @@ def record_when_serving(health_url: str, cache_dir: Path | None, role: str, time
             time.sleep(0.5)
         else:
             return
-        path = list_path(cache_dir, role)
-        try:
-            known = set(path.read_text().split())
-        except OSError:
-            known = set()
-        names = known | {name for name in list(sys.modules) if name not in _NEVER}
-        if names == known:
-            return
-        write_atomically(path, "\n".join(sorted(names)) + "\n")  # a standby never reads half a list
-        logger.info("recorded %d modules a %s start imports in %s", len(names), role, path)
+        _record(cache_dir, role)
+        time.sleep(again_after_s)
+        _record(cache_dir, role)
 
     threading.Thread(target=record, name=f"record-{role}-modules", daemon=True).start()
+
+
+def _record(cache_dir: Path, role: str) -> None:
+    path = list_path(cache_dir, role)
+    try:
+        known = set(path.read_text().split())
+    except OSError:
+        known = set()
+    names = known | {name for name in list(sys.modules) if name not in _NEVER}
+    if names == known:
+        return
+    write_atomically(path, "\n".join(sorted(names)) + "\n")  # a standby never reads half a list
+    logger.info("recorded %d modules a %s start imports in %s", len(names), role, path)
