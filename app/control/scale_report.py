@@ -80,10 +80,14 @@ class ScaleReport(BaseModel):
             lines.append(f"  {replica.replica_id:<6} {replica.role.value:<8} {replica.node or '':<6} "
                          f"{replica.action:<8} {replica.state.value:<8} {marks}")
             if replica.launch is not None:
+                workers = replica.launch.workers
                 lines.append(f"         engine: {replica.launch.launcher.value} launcher"
-                             + (f" ({replica.launch.reason})" if replica.launch.reason else ""))
+                             + (f" ({replica.launch.reason})" if replica.launch.reason else "")
+                             + (f", {len(workers.pids)} tensor-parallel workers {workers.method.value}ed"
+                                + (f" ({workers.reason})" if workers.reason else "") if workers else ""))
             if replica.weights is not None:
                 lines.append(f"         weights: {replica.weights.summary()}")
+                lines += [f"           rank {rank.rank}: {rank.summary()}" for rank in replica.weights.ranks]
             if replica.error:
                 lines.append(f"         error: {replica.error}")
         return "\n".join(lines)

@@ -58,7 +58,8 @@ class EngineSpec(BaseModel):
                    tensor_parallel=config.tensor_parallel(role),
                    enforce_eager=engine.enforce_eager, extra_args=list(engine.extra_args),
                    log_dir=log_dir, start_timeout_s=engine.start_timeout_s,
-                   launcher=Launcher(engine.launcher), tp_workers=Launcher(engine.tp_workers), cache_dir=config.demo_cache_dir / "engine",
+                   launcher=Launcher(engine.launcher), tp_workers=Launcher(engine.tp_workers),
+                   cache_dir=config.demo_cache_dir / "engine",
                    # Standbys help where engine actors share a process: local mode.
                    standby_processes=engine.standby_processes
                    if config.runtime.resolved_mode is RuntimeMode.LOCAL else 0)

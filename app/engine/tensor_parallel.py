@@ -15,10 +15,7 @@ def check_tensor_parallel(model_dir: Path, size: int, *, field: str, threads: in
     on this host. ``threads``: the engine's threads (0: every core), shared among its ranks."""
     if size == 1:
         return
-    config = json.loads((model_dir / "config.json").read_text())
-    config = config.get("text_config", config)
-    heads = config.get("num_attention_heads")
-    kv_heads = config.get("num_key_value_heads", heads)
+    heads, kv_heads = _heads(model_dir)
     if heads and heads % size:
         raise ConfigError(f"{field}={size}: the model's {heads} attention heads do not split over {size} "
                           f"ranks; use a size that divides {heads}")
@@ -37,9 +34,7 @@ def kv_splits(model_dir: Path, sizes: set[int]) -> int:
     its own heads. Raises ConfigError for sizes that cannot share one split (2 and 3, say)."""
     from app.kv.transfer import RankShare, UnsupportedLayout
 
-    config = json.loads((model_dir / "config.json").read_text())
-    config = config.get("text_config", config)
-    kv_heads = config.get("num_key_value_heads", config.get("num_attention_heads", 1))
+    kv_heads = _heads(model_dir)[1] or 1
     splits = min(kv_heads, max(sizes))
     for size in sorted(sizes):
         try:
@@ -48,3 +43,11 @@ def kv_splits(model_dir: Path, sizes: set[int]) -> int:
             raise ConfigError(f"prefill.tensor_parallel and decode.tensor_parallel ({' and '.join(map(str, sorted(sizes)))}) "
                               f"cannot share KV blocks: {exc}. Use sizes that divide one another.") from None
     return splits
+
+
+def _heads(model_dir: Path) -> tuple[int | None, int | None]:
+    """The model's attention heads and KV heads (its language model's, for a multimodal model)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config = config.get("text_config", config)
+    heads = config.get("num_attention_heads")
+    return heads, config.get("num_key_value_heads", heads)
