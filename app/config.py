@@ -68,7 +68,8 @@ class EngineConfig(_Section):
                                 "fine (passed as --kv-cache-memory-bytes). 0.25 GiB holds about 21k "
                                 "tokens of the 0.5B shape and allocates in ~0.1 s. VLLM_CPU_KVCACHE_SPACE "
                                 "is removed from the engines' environment: it would override this.")
-    threads: int = Field(0, ge=0, description="Torch/OpenMP threads per engine; 0 means all cores.")
+    threads: int = Field(0, ge=0, description="Torch/OpenMP threads per engine, and per rank of a tensor-"
+                         "parallel engine; 0 means all cores (shared among a tensor-parallel engine's ranks).")
     enforce_eager: bool = Field(True, description="Skip graph compilation: faster start-up, the point of "
                                 "elastic replicas.")
     host: str = Field("127.0.0.1", description="Address each engine's HTTP server binds to. Engines are "

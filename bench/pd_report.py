@@ -36,7 +36,7 @@ def report(result: dict, out: Path, publish: bool) -> None:
         f"streamed completions per round, {result['concurrency']} at a time, each with a {result['prompt_tokens']}-"
         f"token prompt of its own and {result['output_tokens']} generated tokens; measured by the client, "
         f"nothing else running. `engine.threads`: {result.get('threads') or 'all cores'} per engine"
-        + (f" (shared among its ranks). Tensor parallel: the disaggregated App's prefill engine "
+        + (f" (per rank of a tensor-parallel engine). Tensor parallel: the disaggregated App's prefill engine "
            f"{result['ptp']}, decode {result['dtp']}; the merged replicas 1. With a size above 1 a KV block "
            "is stored as objects of whole KV heads, one per rank of the larger pool: the block counts below "
            "count those objects." if result.get("ptp", 1) != 1 or result.get("dtp", 1) != 1 else "."), "",

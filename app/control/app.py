@@ -83,7 +83,7 @@ class App:
         self.served_model_name = self.config.served_model_name or self.model_dir.name
         sizes = {role: self.config.tensor_parallel(role) for role in self.config.mode.roles}
         for role, size in sizes.items():  # before anything starts: a size that cannot fit is an error now
-            check_tensor_parallel(self.model_dir, size, threads=self.config.engine.threads,
+            check_tensor_parallel(self.model_dir, size,
                                   field=f"{'decode' if role is Role.DECODE else 'prefill'}.tensor_parallel")
         self._kv_splits = kv_splits(self.model_dir, set(sizes.values()))
         # Standbys warm up (imports, ~10 s of CPU) while the data system worker starts.

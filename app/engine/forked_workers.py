@@ -41,6 +41,8 @@ logger = init_logger("vllm.yrllm.workers")  # under "vllm." so lines look like v
 
 #: Names the file the executor writes its WorkersReport to (set by the engine process per replica).
 WORKERS_REPORT_ENV = "YRLLM_WORKERS_REPORT"
+#: Each rank's thread count (``EngineSpec.rank_threads``, set by the engine process per replica).
+RANK_THREADS_ENV = "YRLLM_RANK_THREADS"
 # Threads of our own that may run in the EngineCore when it forks: they only poll an HTTP URL and hold
 # no lock a worker needs (Python re-initialises the import and logging locks in a forked child).
 _BENIGN_THREADS = ("record-",)
@@ -85,10 +87,11 @@ class ForkedWorkersExecutor(MultiprocExecutor):
 
 
 def _threads_per_rank(ranks: int) -> int:
-    """The engine's threads (OMP_NUM_THREADS) shared among its ranks: with vLLM's binding off, each
-    worker would otherwise run all of them, and N ranks would oversubscribe the cores N times."""
-    total = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-    return max(1, total // ranks)
+    """Each worker's threads. With vLLM's binding off every worker would otherwise run the engine's
+    OMP_NUM_THREADS, and N ranks would oversubscribe the cores N times."""
+    if os.environ.get(RANK_THREADS_ENV):
+        return int(os.environ[RANK_THREADS_ENV])
+    return max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // ranks)
 
 
 @contextmanager

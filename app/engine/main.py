@@ -37,7 +37,7 @@ def main() -> None:
     from vllm.logger import configure_logging_from_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from app.engine.forked_workers import WORKERS_REPORT_ENV, fork_workers_support
+    from app.engine.forked_workers import RANK_THREADS_ENV, WORKERS_REPORT_ENV, fork_workers_support
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="engine"))
     cache_dir = Path(os.environ[CACHE_DIR_ENV]) if os.environ.get(CACHE_DIR_ENV) else None
@@ -58,6 +58,7 @@ def main() -> None:
     # Computed before the clear: it is this environment with the spec's changes.
     environment = child_environment({**spec.environment(os.cpu_count() or 1),
                                      WORKERS_REPORT_ENV: str(spec.workers_report_path),
+                                     RANK_THREADS_ENV: str(spec.rank_threads(os.cpu_count() or 1)),
                                      HEALTH_URL_ENV: f"{spec.url}/health"})
     os.environ.clear()
     os.environ.update(environment)

@@ -120,6 +120,10 @@ class EngineSpec(BaseModel):
             CACHE_DIR_ENV: str(self.cache_dir) if self.cache_dir else None,
         }
 
+    def rank_threads(self, cpu_count: int) -> int:
+        """Threads of each tensor-parallel rank: ``threads``, or the cores shared among the ranks."""
+        return self.threads or max(1, cpu_count // self.tensor_parallel)
+
     @property
     def load_report_path(self) -> Path:
         """Where our load format writes this engine's LoadReport."""

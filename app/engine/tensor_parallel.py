@@ -10,9 +10,9 @@ from pathlib import Path
 from app.config_sources import ConfigError
 
 
-def check_tensor_parallel(model_dir: Path, size: int, *, field: str, threads: int = 0) -> None:
+def check_tensor_parallel(model_dir: Path, size: int, *, field: str) -> None:
     """Raise ConfigError, with the numbers, if ``size`` ranks cannot serve the model in ``model_dir``
-    on this host. ``threads``: the engine's threads (0: every core), shared among its ranks."""
+    on this host."""
     if size == 1:
         return
     heads, kv_heads = _heads(model_dir)
@@ -23,9 +23,8 @@ def check_tensor_parallel(model_dir: Path, size: int, *, field: str, threads: in
         raise ConfigError(f"{field}={size}: the model's {kv_heads} KV heads neither split over {size} ranks "
                           f"nor replicate evenly; use a divisor or a multiple of {kv_heads}")
     cores = len(os.sched_getaffinity(0))
-    if size > (threads or cores):
-        raise ConfigError(f"{field}={size}: each rank needs a core of its own, and engines get "
-                          f"{threads or cores} (engine.threads={threads}, {cores} cores on this host)")
+    if size > cores:
+        raise ConfigError(f"{field}={size}: each rank needs a core of its own, and this host has {cores}")
 
 
 def kv_splits(model_dir: Path, sizes: set[int]) -> int:
