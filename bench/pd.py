@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> dict:
     try:
         drivers["merged"], urls["merged"] = start_driver(2, args.out / "pd-driver-merged.log", common)
         drivers["disaggregated"], urls["disaggregated"] = start_driver(
-            2, args.out / "pd-driver-disaggregated.log",
-            ["--mode", "disaggregated", "--prefill-replicas", "1", "--decode-replicas", "1"], pools)
+            2, args.out / "pd-driver-disaggregated.log", pools,
+            ["--mode", "disaggregated", "--prefill-replicas", "1", "--decode-replicas", "1"])
         model = status(urls["merged"])["models"][0]
         first = next(r["url"] for r in status(urls["merged"])["replicas"] if r["state"] == "ready")
         # Prompts of their own per arm and round: no prefix is in any cache.
