@@ -131,3 +131,29 @@ def _capture(call, failures: list[BaseException]) -> None:
         call()
     except BaseException as exc:  # noqa: BLE001 - inspected by the test
         failures.append(exc)
+
+
+def test_forked_tensor_parallel_workers_take_the_cpus_vllm_binds_them_to():
+    """vLLM's per-rank binding variables (configure_omp_envs), as a forked worker re-applies them; and
+    this vLLM holds what forking workers relies on."""
+    from app.engine.forked_workers import _bound_cpus, fork_workers_support
+
+    assert _bound_cpus({"OMP_PLACES": "{0,1,2}", "OMP_PROC_BIND": "true"}) == {0, 1, 2}
+    assert _bound_cpus({"GOMP_CPU_AFFINITY": "4 5 6"}) == {4, 5, 6}
+    assert _bound_cpus({"KMP_AFFINITY": "granularity=fine,explicit,proclist=[2,3,8-10]"}) == {2, 3, 8, 9, 10}
+    assert _bound_cpus({}) == set()  # nobind: the thread count only
+    assert fork_workers_support() is None
+
+
+def test_a_tensor_parallel_spec_asks_for_forked_workers_or_vllms_spawned_ones(app, model_dir, model_name, tmp_path):
+    from app.engine.launch_report import FORKED_WORKERS_EXECUTOR
+
+    spec = engine_spec(app, model_dir, model_name, tmp_path, "tp", tensor_parallel=2)
+    args = spec.server_args()
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert args[args.index("--distributed-executor-backend") + 1] == FORKED_WORKERS_EXECUTOR
+    spawned = spec.server_args(fork_workers=False)
+    assert spawned[spawned.index("--distributed-executor-backend") + 1] == "mp"
+    one = engine_spec(app, model_dir, model_name, tmp_path, "one").server_args()
+    assert one[one.index("--distributed-executor-backend") + 1] == "uni"
+    assert spec.rank_threads(8) == 4 and spec.model_copy(update={"threads": 3}).rank_threads(8) == 3
