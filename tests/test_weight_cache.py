@@ -208,3 +208,19 @@ def test_the_npu_tier_is_always_pulled(ds_worker):
     assert (follower.kind, follower.tier) == (PlanKind.PULL, "npu")
     cache.report(loaded("f", PlanKind.PULL, WeightSource.NPU, nbytes=2048))
     assert cache.stats()["bytes_served"] == 2048 and cache.stats()["fallbacks"] == 0
+
+
+def test_a_replicas_report_sums_up_its_ranks_worst_source_slowest_seconds_and_each_ranks_reason():
+    def rank(index: int, source: WeightSource, seconds: float, reason: str | None = None) -> LoadReport:
+        return LoadReport(replica_id="r2", rank=index, plan=PlanKind.MAP, source=source, node="node1",
+                          parameters=30, bytes=1000, seconds=seconds, fallback_reason=reason, finished_at=seconds)
+
+    mapped = LoadReport.of_ranks([rank(1, WeightSource.HOST, 0.2), rank(0, WeightSource.HOST, 0.1)])
+    assert (mapped.source, mapped.seconds, mapped.bytes, mapped.parameters) == (WeightSource.HOST, 0.2, 2000, 60)
+    assert [r.rank for r in mapped.ranks] == [0, 1] and mapped.rank is None and mapped.fallback_reason is None
+    # One rank fell back: the replica's source is disk, and only that rank's reason is given.
+    mixed = LoadReport.of_ranks([rank(0, WeightSource.HOST, 0.1), rank(1, WeightSource.DISK, 2.5, "missing key")])
+    assert mixed.source is WeightSource.DISK and mixed.seconds == 2.5
+    assert mixed.fallback_reason == "rank 1: missing key" and mixed.ranks[0].source is WeightSource.HOST
+    single = LoadReport.of_ranks([rank(0, WeightSource.HOST, 0.1)])
+    assert single.ranks == [] and single.bytes == 1000  # one rank: the replica's report is that rank's
