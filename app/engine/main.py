@@ -2,8 +2,9 @@
 
 Run as ``python -m app.engine.main`` by ``app.engine.pool``. Before it reads its spec (one JSON line on
 stdin) the process becomes a warm standby: it imports vLLM's server, the modules a real start imports
-(``preimports``), fills torch.compile's per-process caches (``preimports.warm_compiler``), checks that it can fork an EngineCore (``launcher.fork_support``) and that the core
-can fork its tensor-parallel workers (``forked_workers.fork_workers_support``), then collects
+(``preimports``), fills torch.compile's per-process caches (``preimports.warm_compiler``), checks
+that it can fork an EngineCore (``launcher.fork_support``) and that the core can fork its
+tensor-parallel workers (``forked_workers.fork_workers_support``), then collects
 and freezes its heap, so that neither vLLM's five full collections during start-up nor the forked
 core walk those objects again. No torch operation runs before the fork: OpenMP threads would start.
 
