@@ -4,8 +4,7 @@ before they get a spec, so that the start itself imports almost nothing.
 Recorded, not kept by hand: once an engine serves, each of its processes (the API server, the
 EngineCore and, with tensor parallelism, its workers) writes the names in its ``sys.modules`` to a file
 of its own under the cache directory; a standby imports the union of them. A name that fails to
-import is skipped: the list is a hint that
-makes a start faster, never a condition for it.
+import is skipped: the list is a hint that makes a start faster, never a condition for it.
 """
 
 from __future__ import annotations
