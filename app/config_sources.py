@@ -23,15 +23,15 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 ENV_PREFIX = "YRLLM_"
 NESTED_DELIMITER = "__"
-#: The original case's runtime variables (its deployment scripts set them) and the fields they fill.
-ORIGINAL_CASE_VARIABLES = {"YR_SERVER_ADDRESS": "server_address", "DS_WORKER_ADDR": "ds_address"}
+#: The original case's runtime and serving variables (its deployment scripts set them) and the (dotted)
+#: fields they fill.
+ORIGINAL_CASE_VARIABLES = {"YR_SERVER_ADDRESS": "runtime.server_address", "DS_WORKER_ADDR": "runtime.ds_address",
+                           "MODEL_PATH": "model", "SERVER_IP": "router.host", "SERVER_PORT": "router.port",
+                           "USING_PREFIX_CONNECTOR": "kv.enabled"}
 #: Its pool variables: instances and tensor parallel size of the prefill and decode pools.
 ORIGINAL_CASE_POOLS = ("PREFILL_INS_NUM", "DECODE_INS_NUM", "PTP", "DTP")
 #: Its data parallel sizes: 1 (or 0 for an empty pool) is what the App runs; more is refused.
 ORIGINAL_CASE_DATA_PARALLEL = ("PDP", "DDP")
-#: Its serving variables and the (dotted) fields they fill.
-ORIGINAL_CASE_SERVING = {"MODEL_PATH": "model", "SERVER_IP": "router.host", "SERVER_PORT": "router.port",
-                         "USING_PREFIX_CONNECTOR": "kv.enabled"}
 
 
 class ConfigError(ValueError):
@@ -108,11 +108,7 @@ class OriginalCaseVariables(PydanticBaseSettingsSource):
 
     def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
         super().__init__(settings_cls)
-        runtime = {field: env[name] for name, field in ORIGINAL_CASE_VARIABLES.items() if env.get(name)}
-        self._values: dict[str, Any] = {"runtime": runtime} if runtime else {}
-        serving = unflatten({field: env[name] for name, field in ORIGINAL_CASE_SERVING.items() if env.get(name)})
-        for name, value in serving.items():
-            self._values[name] = {**self._values.get(name, {}), **value} if isinstance(value, dict) else value
+        self._values = unflatten({field: env[name] for name, field in ORIGINAL_CASE_VARIABLES.items() if env.get(name)})
         self._values.update(_pools(env))
         _check_data_parallel(env)
 

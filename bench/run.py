@@ -210,7 +210,8 @@ def conditions(args: argparse.Namespace) -> dict:
                 if line.startswith("model name")), platform.processor())
     flags = Path("/proc/cpuinfo").read_text()
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu,
-            "cores": os.cpu_count(), "avx512": "avx512f" in flags, "ram_gib": round(psutil.virtual_memory().total / 2**30),
+            "cores": os.cpu_count(), "avx512": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags, "ram_gib": round(psutil.virtual_memory().total / 2**30),
             "dtype": DTYPE, "python": platform.python_version(), "torch": torch.__version__,
             "quick": args.quick, "page_cache": "cold = posix_fadvise(DONTNEED) on the model files before the "
             "run; warm = every file read once before the run",

@@ -184,7 +184,11 @@ TP_TARGET_RATIO = 4.0
 
 
 def summarise_tp(results: dict, tp: int) -> str:
-    lines = [f"Tensor parallel {tp}, {results['conditions']}, {results['repeats']} scale-outs per row (medians), "
+    host = results["conditions"]
+    flags = ", ".join(f"{name} {'yes' if host.get(name) else 'no'}" for name in ("avx512", "avx512_bf16", "amx"))
+    lines = [f"Tensor parallel {tp}, {host['date']}: {host['cpu']}, {host['cores']} cores ({flags}), "
+             f"{host['ram_gib']} GiB, torch {host['torch']}, {host['dtype']}, one run, nothing else running; "
+             f"{results['repeats']} scale-outs per row (medians), "
              "seconds from `scale()`. Every row's replica maps its weights, rank by rank; its EngineCore is forked "
              "from a warm standby. 'forked workers': the core forks its rank workers (`engine.tp_workers: fork`); "
              "'spawned workers': vLLM's mp executor spawns them (`engine.tp_workers: spawn`), each importing torch "
@@ -209,6 +213,12 @@ def summarise_tp(results: dict, tp: int) -> str:
         if target and first["forked workers"] is not None:
             met = "met" if first["forked workers"] <= target else "MISSED"
             verdicts.append(f"- {shape}: first token {first['forked workers']} s after `scale()` (target ≤ {target} s): {met}")
+            if met == "MISSED":  # where the time went, sample by sample
+                verdicts += [f"  - sample: first token {r['marks']['first_token']:.2f} s; fork -> weights in place "
+                             f"{r['marks']['weights_loaded'] - r['marks']['core_forked']:.2f} s (mapping "
+                             f"{r['weights_s']} s of it), KV cache allocation and profile {r.get('kv_cache_and_warmup_s')} s, "
+                             f"/health -> first token {r['marks']['first_token'] - r['marks']['engine_ready']:.2f} s"
+                             for r in runs["forked workers"]["replicas"]]
         if first["forked workers"] and first["spawned workers"]:
             ratio = first["spawned workers"] / first["forked workers"]
             met = "met" if ratio >= TP_TARGET_RATIO else "MISSED"

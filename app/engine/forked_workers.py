@@ -24,7 +24,6 @@ from __future__ import annotations
 import inspect
 import os
 import re
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +32,7 @@ from vllm.logger import init_logger
 from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
 from app.engine.launch_report import FORKED_WORKERS_EXECUTOR, Launcher, WorkersReport
+from app.engine.launcher import threads_running
 from app.engine.preimports import CACHE_DIR_ENV, HEALTH_URL_ENV, record_when_serving
 from app.files import write_atomically
 from app.runtime.processes import die_with_parent
@@ -62,17 +62,11 @@ def fork_workers_support() -> str | None:
     return None
 
 
-def _foreign_threads() -> str | None:
-    others = [t.name for t in threading.enumerate()
-              if t is not threading.current_thread() and not t.name.startswith(_BENIGN_THREADS)]
-    return f"threads are running ({', '.join(sorted(others))})" if others else None
-
-
 class ForkedWorkersExecutor(MultiprocExecutor):
     """vLLM's multiprocess executor, whose workers are forked from the (pre-imported) EngineCore."""
 
     def _init_executor(self) -> None:
-        refusal = fork_workers_support() or _foreign_threads()
+        refusal = fork_workers_support() or threads_running(_BENIGN_THREADS)
         method = "spawn" if refusal else "fork"
         if refusal:
             logger.warning("tensor-parallel workers are spawned, not forked: %s", refusal)

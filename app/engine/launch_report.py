@@ -41,6 +41,5 @@ class LaunchReport(BaseModel):
     core_log: str | None = Field(None, description="Fork only: the EngineCore's own log file.")
     spec_received_at: float = Field(description="Wall-clock time the engine process read its spec.")
     core_forked_at: float | None = Field(None, description="Fork only: wall-clock time of the fork.")
-    tensor_parallel: int = Field(1, description="Ranks of the engine: worker processes when > 1.")
     workers: WorkersReport | None = Field(None, description="Tensor parallel only: how the EngineCore "
                                           "started its workers (once it has).")

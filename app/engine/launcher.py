@@ -64,10 +64,12 @@ def fork_support(parser: argparse.ArgumentParser) -> str | None:
     return threads_running()
 
 
-def threads_running() -> str | None:
-    """None if this is the process's only thread (checked again right before the fork)."""
-    if threading.active_count() > 1:
-        names = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread())
+def threads_running(benign: tuple[str, ...] = ()) -> str | None:
+    """None if this is the process's only thread, but for threads whose names start with one of
+    ``benign`` (checked again right before the fork)."""
+    names = sorted(t.name for t in threading.enumerate()
+                   if t is not threading.current_thread() and not t.name.startswith(benign))
+    if names:
         return f"threads are running ({', '.join(names)}): forking would copy a process in an unknown state"
     return None
 

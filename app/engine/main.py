@@ -2,10 +2,10 @@
 
 Run as ``python -m app.engine.main`` by ``app.engine.pool``. Before it reads its spec (one JSON line on
 stdin) the process becomes a warm standby: it imports vLLM's server, the modules a real start imports
-(``preimports``), fills torch.compile's per-process caches (``preimports.warm_compiler``), checks
-that it can fork an EngineCore (``launcher.fork_support``) and that the core can fork its
-tensor-parallel workers (``forked_workers.fork_workers_support``), then collects
-and freezes its heap, so that neither vLLM's five full collections during start-up nor the forked
+(``preimports``), fills torch.compile's per-process caches where the App runs tensor-parallel
+engines (``preimports.warm_compiler``), checks that it can fork an EngineCore
+(``launcher.fork_support``) and that the core can fork its tensor-parallel workers
+(``forked_workers.fork_workers_support``), then collects and freezes its heap, so that neither vLLM's five full collections during start-up nor the forked
 core walk those objects again. No torch operation runs before the fork: OpenMP threads would start.
 
 On its spec it launches the engine with the launcher the spec asks for (fork by default, spawn as the
@@ -22,7 +22,8 @@ from pathlib import Path
 
 from app.engine.launch_report import Launcher, LaunchReport, WorkersReport
 from app.engine.launcher import external_engine_args, fork_core, fork_support, threads_running, watch_core
-from app.engine.preimports import CACHE_DIR_ENV, HEALTH_URL_ENV, preimport, record_when_serving, warm_compiler
+from app.engine.preimports import (CACHE_DIR_ENV, HEALTH_URL_ENV, WARM_COMPILER_ENV, preimport,
+                                   record_when_serving, warm_compiler)
 from app.engine.spec import EngineSpec
 from app.files import write_atomically
 from app.runtime.processes import child_environment, free_port
@@ -43,7 +44,8 @@ def main() -> None:
     parser = make_arg_parser(FlexibleArgumentParser(prog="engine"))
     cache_dir = Path(os.environ[CACHE_DIR_ENV]) if os.environ.get(CACHE_DIR_ENV) else None
     preimported = preimport(cache_dir)
-    warm_compiler()
+    if os.environ.get(WARM_COMPILER_ENV):  # tensor-parallel pools: their first request compiles
+        warm_compiler()
     fork_refusal = fork_support(parser)
     workers_refusal = fork_workers_support()
     gc.collect()
@@ -65,7 +67,7 @@ def main() -> None:
     os.environ.update(environment)
 
     report = LaunchReport(replica_id=spec.replica_id, launcher=Launcher.SPAWN, preimported_modules=preimported,
-                          spec_received_at=received, tensor_parallel=spec.tensor_parallel)
+                          spec_received_at=received)
     fork_workers = spec.tp_workers is Launcher.FORK and workers_refusal is None
     if spec.tensor_parallel > 1 and not fork_workers:
         reason = workers_refusal and f"fork unavailable: {workers_refusal}"

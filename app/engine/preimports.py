@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 #: The engine processes' environment names the cache directory (a standby has no spec yet).
 CACHE_DIR_ENV = "YRLLM_ENGINE_CACHE_DIR"
+#: Set where the App runs tensor-parallel engines: its standbys fill torch.compile's caches (``warm_compiler``).
+WARM_COMPILER_ENV = "YRLLM_WARM_COMPILER"
 #: Names the engine's /health URL, for processes that are not told their spec (tensor-parallel workers).
 HEALTH_URL_ENV = "YRLLM_ENGINE_HEALTH_URL"
 ROLES = ("server", "core", "worker")

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.config import AppConfig, RuntimeMode
 from app.engine.launch_report import FORKED_WORKERS_EXECUTOR as EXECUTOR
 from app.engine.launch_report import Launcher
-from app.engine.preimports import CACHE_DIR_ENV
+from app.engine.preimports import CACHE_DIR_ENV, WARM_COMPILER_ENV
 from app.kv.settings import ConnectorSettings
 from app.replica import Node, Role
 from app.weights.plan import LOAD_FORMAT, WeightPlan
@@ -43,6 +43,9 @@ class EngineSpec(BaseModel):
     standby_processes: int = 0
     launcher: Launcher = Launcher.FORK
     tp_workers: Launcher = Launcher.FORK  # how a tensor-parallel EngineCore starts its workers
+    # Some pool of the App is tensor parallel, so its first requests compile: standbys warm the compiler
+    # (App-wide, not this engine's size, so that every pool's specs match the same standbys).
+    warm_compiler: bool = False
     cache_dir: Path | None = None  # where engine processes record the modules a start imports
     kv_connector: ConnectorSettings | None = None  # None: no KV blocks through the data system
     node: Node | None = None  # the data system worker this engine uses for weights and KV blocks
@@ -56,6 +59,7 @@ class EngineSpec(BaseModel):
                    host=engine.host, port=port, dtype=engine.dtype, max_model_len=engine.max_model_len,
                    kv_cache_gib=engine.kv_cache_gib, threads=engine.threads,
                    tensor_parallel=config.tensor_parallel(role),
+                   warm_compiler=any(config.tensor_parallel(r) > 1 for r in config.mode.roles),
                    enforce_eager=engine.enforce_eager, extra_args=list(engine.extra_args),
                    log_dir=log_dir, start_timeout_s=engine.start_timeout_s,
                    launcher=Launcher(engine.launcher), tp_workers=Launcher(engine.tp_workers),
@@ -118,6 +122,7 @@ class EngineSpec(BaseModel):
             "VLLM_NO_USAGE_STATS": "1",
             "TOKENIZERS_PARALLELISM": "false",
             CACHE_DIR_ENV: str(self.cache_dir) if self.cache_dir else None,
+            WARM_COMPILER_ENV: "1" if self.warm_compiler else None,
         }
 
     def rank_threads(self, cpu_count: int) -> int:

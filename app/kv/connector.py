@@ -66,7 +66,6 @@ class DataSystemKVConnector(KVConnectorBase_V1):
         # Each tensor-parallel worker keeps a journal of its own (rank_journal).
         self._journal = JournalWriter(settings.journal, SIDES[0]) if role is KVConnectorRole.SCHEDULER else \
             JournalWriter(rank_journal(settings.journal, _tp_rank(vllm_config)), SIDES[1])
-        self._vllm_config = vllm_config
         self._namespace, self._block_shape, refusal = _namespace(vllm_config, kv_cache_config, settings)
         self._scheduler: BlockScheduler | None = None
         self._copier: BlockCopier | None = None

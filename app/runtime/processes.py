@@ -52,21 +52,23 @@ def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
 def is_live_child(pid: int, parent: int) -> bool:
     """True if ``pid`` runs (is not a zombie) as a child of ``parent``. Read from /proc, so that a
     pid the kernel reused for an unrelated process is not mistaken for it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    state, ppid = stat.rsplit(")", 1)[1].split()[:2]  # the name, in parentheses, may hold spaces
-    return state not in ("Z", "X") and int(ppid) == parent
+    state, ppid = _state_and_parent(pid)
+    return state not in ("Z", "X", "") and ppid == parent
 
 
 def parent_pid(pid: int) -> int:
     """The parent of ``pid`` now (0 if it is gone)."""
+    return _state_and_parent(pid)[1]
+
+
+def _state_and_parent(pid: int) -> tuple[str, int]:
+    """``pid``'s state letter and parent, from /proc (``("", 0)`` if it is gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return 0
-    return int(stat.rsplit(")", 1)[1].split()[1])
+        return "", 0
+    state, ppid = stat.rsplit(")", 1)[1].split()[:2]  # the name, in parentheses, may hold spaces
+    return state, int(ppid)
 
 
 def child_environment(changes: Mapping[str, str | None]) -> dict[str, str]:
