@@ -57,9 +57,6 @@ class EngineActor:
     def kv_journal(self) -> list[dict]:
         return self._host.kv_journal()
 
-    def refill_standbys(self) -> None:
-        self._host.refill_standbys()
-
     def timeline(self) -> dict[str, float]:
         return dict(self._host.timeline)
 

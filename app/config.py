@@ -78,12 +78,8 @@ class EngineConfig(_Section):
                                    "after this many seconds.")
     extra_args: list[str] = Field(default_factory=list, description="Extra vLLM server flags passed "
                                   "verbatim, for example ['--max-num-seqs', '8'].")
-    standby_processes: int = Field(1, ge=0, le=8, description="Engine processes kept standing by, "
-                                   "warm (vLLM and the modules a start imports loaded, heap frozen), "
-                                   "so that a scale-out skips the imports. Started with the App, refilled "
-                                   "after each new replica is ready. Each idles at ~0.8 GB of memory.")
     launcher: Literal["fork", "spawn"] = Field("fork", description="How an engine process starts vLLM's "
-                                               "EngineCore: 'fork' (the warm standby forks it: no second "
+                                               "EngineCore: 'fork' (the pre-imported engine process forks it: no second "
                                                "import) or 'spawn' (vLLM's standard path). fork falls back "
                                                "to spawn, with the reason, where its prerequisites fail.")
     tp_workers: Literal["fork", "spawn"] = Field("fork", description="Tensor parallel > 1: how the EngineCore "
@@ -91,6 +87,14 @@ class EngineConfig(_Section):
                                                  "no import) or 'spawn' (vLLM's own mp executor: each worker "
                                                  "imports torch and vLLM again, ~7 s on 2 cores). fork falls back "
                                                  "to spawn, with the reason, where its prerequisites fail.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_standbys(cls, values: Any) -> Any:
+        if isinstance(values, Mapping) and "standby_processes" in values:
+            raise ValueError("engine.standby_processes was removed: every engine process is forked from its "
+                             "node's zygote, in milliseconds, so none is kept standing by; delete the setting")
+        return values
 
 
 class WeightsConfig(_Section):

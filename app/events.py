@@ -18,13 +18,15 @@ class EventKind(str, Enum):
     DS_UNREACHABLE = "ds_unreachable"  # cluster mode: the data system stopped accepting connections
     DS_REACHABLE = "ds_reachable"  # cluster mode: it accepts them again
     CACHE_ENTRY_RETIRED = "cache_entry_retired"  # a cached weight entry could not serve; next replica reseeds
+    ZYGOTE_DIED = "zygote_died"  # engine processes are spawned until it is back
+    ZYGOTE_RESTARTED = "zygote_restarted"  # importing again; forks resume once it is ready
 
 
 class Event(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     kind: EventKind
-    subject: str = Field(description="A replica id, 'ds-worker' or a weight fingerprint.")
+    subject: str = Field(description="A replica id, 'ds-worker', 'zygote' or a weight fingerprint.")
     reason: str
     at: float = Field(default_factory=time.time)
 

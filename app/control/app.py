@@ -22,9 +22,10 @@ from app.control.scale_requests import ScaleRequestServer
 from app.control.scaling import Scaler
 from app.control.supervisor import Supervisor
 from app.control.weight_client import WeightCacheClient
-from app.engine.pool import ENGINE_POOL
 from app.engine.spec import EngineSpec
 from app.engine.tensor_parallel import check_tensor_parallel, kv_splits
+from app.engine.zygotes import ZYGOTES, ZygoteUnavailable
+from app.events import EventKind
 from app.kv.settings import ConnectorSettings
 from app.replica import Node, Role
 from app.runtime.openyuanrong import Runtime
@@ -55,7 +56,8 @@ class App:
         self._autoscaler: Autoscaler | None = None
         self._supervisor: Supervisor | None = None
         self._kv: KVAccountant | None = None  # None: kv.enabled is off
-        self._holds_pool = False  # uses the process's engine pool (ENGINE_POOL.hold)
+        self._zygote_spec: EngineSpec | None = None  # the engines' spec whose zygote this App holds
+        self._events: EventLog | None = None
         self._kv_splits = 1  # objects per KV block: every pool's ranks read and write whole ones
         self._log_dir = Path(tempfile.mkdtemp(prefix="yrllm-logs-"))
         self.model_dir: Path | None = None
@@ -86,10 +88,9 @@ class App:
             check_tensor_parallel(self.model_dir, size,
                                   field=f"{'decode' if role is Role.DECODE else 'prefill'}.tensor_parallel")
         self._kv_splits = kv_splits(self.model_dir, set(sizes.values()))
-        # Standbys warm up (imports, ~10 s of CPU) while the data system worker starts.
-        ENGINE_POOL.hold()
-        self._holds_pool = True
-        ENGINE_POOL.prepare(self._engine_spec("standby", Role.MERGED))
+        # The zygote imports vLLM (~10 s of CPU) while the data system worker and the Router start.
+        self._zygote_spec = self._engine_spec("zygote", Role.MERGED)
+        ZYGOTES.hold(self._zygote_spec, self._zygote_event)
         self._runtime.start()
         self._router = Router.options(yr.InvokeOptions(concurrency=8)).invoke(
             self.config.router, [self.served_model_name], self.config.mode)
@@ -99,11 +100,15 @@ class App:
             dtype=self.config.engine.dtype, quantization=None, vllm_version=_vllm_version())
         if self.config.weights.enabled:
             self._weights = self._start_weight_cache(self._identity)
-        events = EventLog(self._router)
+        events = self._events = EventLog(self._router)
         self._scaler = Scaler(self._engine_spec, self._router, self._weights, self.config.router.drain_timeout_s,
                               events, self._runtime.nodes, self.config.mode.roles)
         self._scale_requests = ScaleRequestServer(self._router, self._scaler)
         self._scale_requests.start()
+        try:  # vLLM is imported before start() returns, so that no scale-out waits for it
+            ZYGOTES.zygote(self._zygote_spec).wait_ready()
+        except ZygoteUnavailable as exc:
+            logger.warning("engine processes are spawned until the zygote is ready: %s", exc)
         self.start_report = self._scaler.scale(self.config.pools)
         if not self.start_report.ok:
             raise RuntimeError(f"the App could not start its replicas:\n{self.start_report}")
@@ -141,6 +146,12 @@ class App:
             spec = spec.on_node(node).model_copy(update={"node_from_host": self._runtime.mode is RuntimeMode.CLUSTER})
         return spec
 
+    def _zygote_event(self, what: str, sentence: str) -> None:
+        """The zygote died or was restarted (``app.engine.zygotes``): an event like the others."""
+        if self._events is not None:
+            self._events.record(EventKind.ZYGOTE_DIED if what == "died" else EventKind.ZYGOTE_RESTARTED,
+                                "zygote", sentence)
+
     def shutdown(self) -> None:
         """Stop every replica, the Router, the runtime and the data system worker. Idempotent, and
         safe to call from a failed ``start``."""
@@ -156,9 +167,9 @@ class App:
             self._kv = None
         if self._scaler is not None:
             self._scaler.stop_all()
-        if self._holds_pool:
-            ENGINE_POOL.release()  # the last App in this process stops the standbys
-            self._holds_pool = False
+        if self._zygote_spec is not None:
+            ZYGOTES.release(self._zygote_spec, self._zygote_event)  # the last App to hold it stops it
+            self._zygote_spec = None
         if self._weights is not None:
             _finish_actor(self._weights.actor, "clear")  # frees the cached weights in the data system
             self._weights = None
@@ -183,6 +194,9 @@ class App:
         status = yr.get(self._router.status.invoke()) if self._router is not None else {}
         if self._weights is not None:
             status["weight_cache"] = self._weights.stats()
+        zygote = ZYGOTES.zygote(self._zygote_spec) if self._zygote_spec is not None else None
+        if zygote is not None:
+            status["zygote"] = zygote.status()
         return {"url": self.url if self.router_port else None, "model": self.served_model_name,
                 "model_dir": str(self.model_dir) if self.model_dir else None,
                 "runtime": self._runtime.mode.value, "runtime_ready_at": self._runtime.ready_at,

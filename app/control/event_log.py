@@ -10,7 +10,8 @@ from app.events import Event, EventKind
 logger = logging.getLogger(__name__)
 
 _FAULTS = {EventKind.REPLICA_FAILED, EventKind.REPLACEMENT_FAILED, EventKind.DS_WORKER_DIED,
-           EventKind.DS_WORKER_RESTART_FAILED, EventKind.DS_UNREACHABLE, EventKind.CACHE_ENTRY_RETIRED}
+           EventKind.DS_WORKER_RESTART_FAILED, EventKind.DS_UNREACHABLE, EventKind.CACHE_ENTRY_RETIRED,
+           EventKind.ZYGOTE_DIED}
 
 
 class EventLog:

@@ -12,7 +12,7 @@ from app.replica import ReplicaState, Role
 from app.weights.load_report import LoadReport
 
 #: Timeline marks in the order a replica passes them.
-MILESTONES = ("requested", "actor_up", "standby_taken", "core_forked", "weights_loaded", "engine_ready",
+MILESTONES = ("requested", "actor_up", "process_made", "core_forked", "weights_loaded", "engine_ready",
               "first_token", "drained", "stopped")
 
 
@@ -81,7 +81,10 @@ class ScaleReport(BaseModel):
                          f"{replica.action:<8} {replica.state.value:<8} {marks}")
             if replica.launch is not None:
                 workers = replica.launch.workers
-                lines.append(f"         engine: {replica.launch.launcher.value} launcher"
+                origin = replica.launch.origin
+                lines.append(f"         engine: process {'forked from the zygote' if origin.value == 'zygote' else 'spawned'}"
+                             + (f" ({replica.launch.origin_reason})" if replica.launch.origin_reason else "")
+                             + f", {replica.launch.launcher.value} launcher"
                              + (f" ({replica.launch.reason})" if replica.launch.reason else "")
                              + (f", {len(workers.pids)} tensor-parallel workers {workers.method.value}ed"
                                 + (f" ({workers.reason})" if workers.reason else "") if workers else ""))

@@ -198,10 +198,6 @@ class Scaler:
         if error is None:
             replica.serving = True
             self._publish()  # routed to from now on; what follows is bookkeeping
-            try:
-                yr.get(actor.refill_standbys.invoke(), timeout=60)
-            except Exception:  # noqa: BLE001 - the next scale-out then starts a fresh process
-                logger.exception("refilling the standby pool after %s failed", replica_id)
         timeline = {"requested": requested, **_ask(actor.timeline, {})}
         launch = _ask(actor.launch_report, None)
         weights = self._settle_weights(actor, replica_id, failed=error is not None)

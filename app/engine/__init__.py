@@ -1,2 +1,2 @@
 """The engine plane: one vLLM engine per replica, in a supervised process of its own (the host), the
-standby process pool, the engine process's main and the spec that describes an engine."""
+zygotes that fork every engine process, the engine process's main and the spec that describes an engine."""

@@ -2,7 +2,7 @@
 
 With tensor parallel size N > 1 vLLM runs its multiprocess executor: the EngineCore starts one worker
 process per rank, and the CPU platform makes them *spawned* processes, each importing torch and vLLM
-again (~7 s each on 2 cores). The EngineCore itself was forked from a warm standby (``launcher``), so
+again (~7 s each on 2 cores). The EngineCore itself was forked from a pre-imported engine process (``launcher``), so
 it already holds every module a worker needs. ``ForkedWorkersExecutor`` is vLLM's
 ``MultiprocExecutor``, chosen through vLLM's documented ``distributed_executor_backend`` (which takes an
 ``Executor`` subclass by import path), that asks for the ``fork`` start method while, and only while,
@@ -13,8 +13,8 @@ A forked worker's OpenMP runtime was initialised in the parent and ignores the p
 sets before each start (``OMPProcessManager.configure_omp_envs``), so a fork hook re-applies them in the
 child: the rank's thread count and, where vLLM binds threads, its CPUs.
 
-``_init_executor`` is private API, so ``fork_workers_support`` checks the prerequisites at standby
-start, and the executor checks them again (with the process's threads) before forking; when they do
+``_init_executor`` is private API, so ``fork_workers_support`` checks the prerequisites when the
+zygote prepares, and the executor checks them again (with the process's threads) before forking; when they do
 not hold it spawns the workers, as vLLM would, and says why. Either way it writes which, and the
 workers' pids, to the file ``WORKERS_REPORT_ENV`` names, for the engine host's supervision.
 """
@@ -122,7 +122,7 @@ def _in_forked_worker() -> None:
         return
     die_with_parent()  # a worker never outlives its EngineCore, even one that was SIGKILLed
     # What a worker imports that its EngineCore did not (the model runner, the model): recorded, so
-    # that the next standby imports it ahead (``preimports``).
+    # that the next zygote imports it ahead (``preimports``).
     cache_dir = os.environ.get(CACHE_DIR_ENV)
     if cache_dir and os.environ.get(HEALTH_URL_ENV):
         record_when_serving(os.environ[HEALTH_URL_ENV], Path(cache_dir), "worker", timeout_s=600)

@@ -2,9 +2,9 @@
 
 Why a process per engine, and not the engine inside the actor: in yr local mode actors are threads of
 the driver, and engines sharing one process share a GIL and silently clobber each other's ``vllm:*``
-Prometheus metrics; a crashed engine would also take the driver down. Processes come from the
-``EnginePool``, which keeps warm standbys. The process runs vLLM's own OpenAI server; its EngineCore
-is a second process, forked from the warm standby (``launcher``) or spawned by vLLM. Without tensor
+Prometheus metrics; a crashed engine would also take the driver down. Processes are forked from the
+node's zygote (``zygotes``), which imported everything once. The process runs vLLM's own OpenAI
+server; its EngineCore is a second process, forked from it (``launcher``) or spawned by vLLM. Without tensor
 parallelism the model worker stays inside EngineCore (see ``EngineSpec.environment``), so a replica is
 two processes; with N ranks, EngineCore forks one worker per rank (``forked_workers``): 2 + N
 processes, all in one process group, each watched here.
@@ -20,11 +20,11 @@ import urllib.error
 import urllib.request
 
 from app.engine.launch_report import LaunchReport, WorkersReport
-from app.engine.pool import ENGINE_POOL
 from app.engine.spec import EngineSpec
+from app.engine.zygotes import ZYGOTES, EngineProcess
 from app.kv.journal import SIDES, JournalReader, rank_journal
 from app.replica import ReplicaInfo, ReplicaState
-from app.runtime.processes import ChildProcess, free_port, is_live_child, parent_pid
+from app.runtime.processes import free_port, is_live_child, parent_pid
 from app.weights.load_report import LoadReport
 from app.weights.plan import WeightPlan
 
@@ -42,7 +42,7 @@ class EngineHost:
     def __init__(self, spec: EngineSpec) -> None:
         self._spec = spec
         self._state = ReplicaState.PENDING
-        self._process: ChildProcess | None = None
+        self._process: EngineProcess | None = None
         self._failure: str | None = None
         self._launch: LaunchReport | None = None  # once ready
         self._workers: dict[int, int] = {}  # tensor parallel: each worker's pid -> its parent's, once ready
@@ -103,11 +103,8 @@ class EngineHost:
             port = self._spec.port or free_port(self._spec.host)
             self._spec = self._spec.model_copy(update={"port": port})
             self._state = ReplicaState.LOADING
-            self._process = ENGINE_POOL.take(self._spec)
-            self.timeline["standby_taken"] = time.time()
-            logger.info("replica %s runs in engine process %d (log %s)", self._spec.replica_id,
-                        self._process.pid, self._process.log_file)
-            self._process.send_line(self._spec.model_dump_json())
+            self._process = ZYGOTES.engine_process(self._spec)
+            self.timeline["process_made"] = time.time()
         try:
             self._wait_ready()
         except BaseException:
@@ -202,9 +199,3 @@ class EngineHost:
     def kv_journal(self) -> list[dict]:
         """What this engine's KV connector did since the last call (its journal lines)."""
         return [line for reader in self._kv_journals for line in reader.read()]
-
-    def refill_standbys(self) -> None:
-        """Start standbys until the pool holds ``engine.standby_processes`` again. Called once this
-        replica serves: a standby's imports would compete with its start for the cores."""
-        ENGINE_POOL.prepare(self._spec)
-

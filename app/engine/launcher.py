@@ -1,14 +1,15 @@
-"""The fork launcher: a warm standby forks vLLM's EngineCore and serves vLLM's OpenAI server against it.
+"""The fork launcher: a pre-imported engine process forks vLLM's EngineCore and serves vLLM's OpenAI server
+against it.
 
 vLLM's OpenAI server normally spawns its EngineCore (the CPU platform forces ``spawn``), and the new
 process imports torch and vLLM again: ~7 s of a replica's start on 2 cores. Here the engine process,
-which imported everything while it stood by, forks instead. The child runs vLLM's own engine-core
+forked from a zygote that imported everything (``zygote``), forks instead. The child runs vLLM's own engine-core
 entry point (``EngineCoreProc.run_engine_core``, as ``vllm serve --headless`` does) and handshakes over
 TCP; the parent runs vLLM's OpenAI server with ``--data-parallel-size-local 0``, its documented way
 of serving engines started elsewhere. Nothing of vLLM is patched or monkeypatched.
 
 That entry point and its arguments are internal API, so ``fork_support`` checks them (and the other
-prerequisites) at standby start; when they do not hold, the engine process uses the spawn path and
+prerequisites) when the process prepares; when they do not hold, the engine process uses the spawn path and
 says why.
 
 vLLM does not watch an external engine (and can wait for one for ten minutes), so the parent does:

@@ -1,9 +1,9 @@
-"""The modules a real engine start imports, recorded per vLLM version and imported by standby processes
-before they get a spec, so that the start itself imports almost nothing.
+"""The modules a real engine start imports, recorded per vLLM version and imported by the zygote (or a
+spawned engine process) before any spec, so that the start itself imports almost nothing.
 
 Recorded, not kept by hand: once an engine serves, each of its processes (the API server, the
 EngineCore and, with tensor parallelism, its workers) writes the names in its ``sys.modules`` to a file
-of its own under the cache directory; a standby imports the union of them. A name that fails to
+of its own under the cache directory; a zygote imports the union of them. A name that fails to
 import is skipped: the list is a hint that makes a start faster, never a condition for it.
 """
 
@@ -23,9 +23,9 @@ from app.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
-#: The engine processes' environment names the cache directory (a standby has no spec yet).
+#: The engine processes' environment names the cache directory (a zygote has no spec).
 CACHE_DIR_ENV = "YRLLM_ENGINE_CACHE_DIR"
-#: Set where the App runs tensor-parallel engines: its standbys fill torch.compile's caches (``warm_compiler``).
+#: Set where the App runs tensor-parallel engines: its zygote fills torch.compile's caches (``warm_compiler``).
 WARM_COMPILER_ENV = "YRLLM_WARM_COMPILER"
 #: Names the engine's /health URL, for processes that are not told their spec (tensor-parallel workers).
 HEALTH_URL_ENV = "YRLLM_ENGINE_HEALTH_URL"
@@ -113,5 +113,5 @@ def _record(cache_dir: Path, role: str) -> None:
     names = known | {name for name in list(sys.modules) if name not in _NEVER}
     if names == known:
         return
-    write_atomically(path, "\n".join(sorted(names)) + "\n")  # a standby never reads half a list
+    write_atomically(path, "\n".join(sorted(names)) + "\n")  # a zygote never reads half a list
     logger.info("recorded %d modules a %s start imports in %s", len(names), role, path)

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.config import AppConfig, RuntimeMode
+from app.config import AppConfig
 from app.engine.launch_report import FORKED_WORKERS_EXECUTOR as EXECUTOR
 from app.engine.launch_report import Launcher
 from app.engine.preimports import CACHE_DIR_ENV, WARM_COMPILER_ENV
@@ -40,11 +40,10 @@ class EngineSpec(BaseModel):
     loader_extra_config: dict[str, Any] = Field(default_factory=dict)
     log_dir: Path
     start_timeout_s: float
-    standby_processes: int = 0
     launcher: Launcher = Launcher.FORK
     tp_workers: Launcher = Launcher.FORK  # how a tensor-parallel EngineCore starts its workers
-    # Some pool of the App is tensor parallel, so its first requests compile: standbys warm the compiler
-    # (App-wide, not this engine's size, so that every pool's specs match the same standbys).
+    # Some pool of the App is tensor parallel, so its first requests compile: the zygote warms the compiler
+    # (App-wide, not this engine's size, so that every pool's specs match the same zygote).
     warm_compiler: bool = False
     cache_dir: Path | None = None  # where engine processes record the modules a start imports
     kv_connector: ConnectorSettings | None = None  # None: no KV blocks through the data system
@@ -63,10 +62,7 @@ class EngineSpec(BaseModel):
                    enforce_eager=engine.enforce_eager, extra_args=list(engine.extra_args),
                    log_dir=log_dir, start_timeout_s=engine.start_timeout_s,
                    launcher=Launcher(engine.launcher), tp_workers=Launcher(engine.tp_workers),
-                   cache_dir=config.demo_cache_dir / "engine",
-                   # Standbys help where engine actors share a process: local mode.
-                   standby_processes=engine.standby_processes
-                   if config.runtime.resolved_mode is RuntimeMode.LOCAL else 0)
+                   cache_dir=config.demo_cache_dir / "engine")
 
     def on_node(self, node: Node) -> "EngineSpec":
         """This spec on ``node``: its KV blocks go through that node's worker too."""
@@ -147,6 +143,11 @@ class EngineSpec(BaseModel):
     def launch_report_path(self) -> Path:
         """Where the engine process writes its LaunchReport."""
         return self.log_dir / f"launch-{self.replica_id}.json"
+
+    @property
+    def exit_code_path(self) -> Path:
+        """Where the zygote that forked this engine's process writes its exit code."""
+        return self.log_dir / f"exit-{self.replica_id}"
 
     @property
     def core_log_path(self) -> Path:

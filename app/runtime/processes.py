@@ -13,9 +13,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -32,6 +34,23 @@ def die_with_parent() -> None:
     """PR_SET_PDEATHSIG: the kernel SIGKILLs this process when the thread that forked it exits."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def end_group_with(pid: int) -> None:
+    """In a daemon thread: SIGKILL this process's whole group as soon as process ``pid`` exits (at once
+    if it is gone already). For processes whose parent is not the one they must not outlive, such as
+    an engine forked by a zygote, which must go with the driver."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os.killpg(0, signal.SIGKILL)
+        return
+
+    def watch() -> None:
+        select.select([pidfd], [], [])  # readable once the process has exited
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name=f"end-with-{pid}", daemon=True).start()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -82,7 +101,7 @@ class ChildProcess:
 
     def __init__(self, name: str, argv: Sequence[str], log_file: Path,
                  env: Mapping[str, str | None] | None = None, cwd: Path | None = None,
-                 stdin: bool = False) -> None:
+                 stdin: bool = False, pass_fds: Sequence[int] = ()) -> None:
         self.name = name
         self.log_file = log_file
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +109,7 @@ class ChildProcess:
             self._popen = _LAUNCHER.submit(
                 subprocess.Popen, list(argv), stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, env=child_environment(env or {}), cwd=cwd,
-                start_new_session=True, preexec_fn=die_with_parent).result()
+                start_new_session=True, preexec_fn=die_with_parent, pass_fds=tuple(pass_fds)).result()
         logger.info("started %s (pid %d), log %s", name, self._popen.pid, log_file)
 
     @property
