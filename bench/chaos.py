@@ -1,16 +1,15 @@
 """Faults under streaming load: what the clients see, how fast the App notices, how fast it heals.
 
-    python -m bench.chaos [--seconds 120] [--clients 16] [--replicas 3] [--standby-processes 1 2] [--out bench/out]
+    python -m bench.chaos [--seconds 120] [--clients 16] [--replicas 3] [--out bench/out]
 
 Runs the App as users do (``python entrypoint.py``, its own process) on the demo model, ``--replicas``
 replicas of one engine thread each, and first measures the Router's own cost: one-token completions
 sent alternately to a replica directly and through the Router, one at a time, nothing else running.
-Then, once per ``--standby-processes`` setting, ``--clients`` threads stream completions back to
-back for ``--seconds`` while a schedule
+Then ``--clients`` threads stream completions back to back for ``--seconds`` while a schedule
 SIGKILLs an engine server, an EngineCore and the data system worker, and SIGSTOPs a replica (server and
 core) for 10 s. Per fault: requests failed (before streaming, mid-stream), time to detect (the
 supervision event), time until the desired count was ready again. Writes ``<out>/chaos.json`` (every request),
-``<out>/chaos.md`` and ``<out>/chaos-driver-N.log`` (the App's logs), and its BENCHMARKS.md sections when
+``<out>/chaos.md`` and ``<out>/chaos-driver.log`` (the App's logs), and its BENCHMARKS.md sections when
 ``--out`` is the default.
 """
 
@@ -92,10 +91,9 @@ def stream_once(url: str, model: str, tokens: int, outcome: Outcome) -> None:
 
 # ---- the App under test ---------------------------------------------------------------------------------
 
-def start_app(replicas: int, log: Path, standby_processes: int = 1) -> tuple[subprocess.Popen, str]:
+def start_app(replicas: int, log: Path) -> tuple[subprocess.Popen, str]:
     return start_driver(replicas, log, {"YRLLM_ENGINE__THREADS": "1", "YRLLM_ENGINE__DTYPE": "float32",
-                                        "YRLLM_ENGINE__MAX_MODEL_LEN": "512",
-                                        "YRLLM_ENGINE__STANDBY_PROCESSES": str(standby_processes)})
+                                        "YRLLM_ENGINE__MAX_MODEL_LEN": "512"})
 
 
 # ---- the Router's own cost ---------------------------------------------------------------------------------
@@ -134,17 +132,15 @@ def router_overhead(url: str, model: str, rounds: int, block: int = 50) -> dict:
 
 # ---- load and faults ------------------------------------------------------------------------------------------
 
-def run(args: argparse.Namespace, standby_processes: int, measure_overhead: bool) -> dict:
+def run(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
-    driver, url = start_app(args.replicas, args.out / f"chaos-driver-{standby_processes}.log", standby_processes)
+    driver, url = start_app(args.replicas, args.out / "chaos-driver.log")
     try:
         model = status(url)["models"][0]
-        wait_until_quiet()  # the standbys' imports would be timed as the Router's cost
-        overhead = router_overhead(url, model, args.overhead_rounds) if measure_overhead else None
-        if overhead:
-            print(f"router overhead: {overhead}", flush=True)
-        return {**chaos(driver, url, model, args), "standby_processes": standby_processes,
-                "router_overhead": overhead}
+        wait_until_quiet()  # the replicas' start-up work would be timed as the Router's cost
+        overhead = router_overhead(url, model, args.overhead_rounds)
+        print(f"router overhead: {overhead}", flush=True)
+        return {**chaos(driver, url, model, args), "router_overhead": overhead}
     finally:
         stop_driver(driver)
 
@@ -268,16 +264,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
     parser.add_argument("--replicas", type=int, default=3, help="the desired replica count")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per streamed completion")
-    parser.add_argument("--standby-processes", type=int, nargs="+", default=[1, 2],
-                        help="engine.standby_processes, one run each")
-    parser.add_argument("--overhead-rounds", type=int, default=300, help="completions per path for the overhead "
-                        "(measured in the first run)")
+    parser.add_argument("--overhead-rounds", type=int, default=300, help="completions per path for the overhead")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
-    results = [run(args, standbys, measure_overhead=index == 0)
-               for index, standbys in enumerate(args.standby_processes)]
-    (args.out / "chaos.json").write_text(json.dumps(results))
-    report(results, args.out)
+    result = run(args)
+    (args.out / "chaos.json").write_text(json.dumps(result))
+    report(result, args.out)
 
 
 if __name__ == "__main__":

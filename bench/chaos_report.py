@@ -1,4 +1,4 @@
-"""The chaos benchmark's report (``bench.chaos``): a table per run, its targets, the Router's cost, and
+"""The chaos benchmark's report (``bench.chaos``): the faults' table, its targets, the Router's cost, and
 the BENCHMARKS.md sections."""
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ DEFAULT_OUT = ROOT / "bench" / "out"
 
 
 def fault_table(result: dict) -> tuple[list[str], bool]:
-    """One run's table, and whether every fault met the healing target."""
-    lines = [f"**{result['standby_processes']} standby process(es)** (`engine.standby_processes`): "
-             f"{result['requests']} requests, {result['completed']} completed, "
+    """The run's table, and whether every fault met the healing target."""
+    lines = [f"{result['requests']} requests, {result['completed']} completed, "
              f"{result['failed_before_stream']} failed before streaming, {result['failed_mid_stream']} mid-stream.",
              "", "| fault | victim | requests | failed before streaming | failed mid-stream | detected after s | "
              "replacement's scale-out s | desired count ready again after s | target met |",
@@ -38,32 +37,23 @@ def fault_table(result: dict) -> tuple[list[str], bool]:
     return lines + [""], all_met
 
 
-def report(results: list[dict], out: Path) -> None:
-    first = results[0]
+def report(first: dict, out: Path) -> None:
     lines = [f"{first['clients']} clients streaming {first['tokens']}-token completions back to back for "
              f"{first['seconds']:.0f} s against {first['replicas']} replicas (demo model, float32, fork launcher, "
-             f"one engine thread each) on this {os.cpu_count()}-core machine, once per standby setting; the App "
-             "runs as `python entrypoint.py` in its own process, with supervision at its defaults. Runs one "
-             "after the other in one invocation, nothing else running.", ""]
-    verdicts = []
-    for result in results:
-        table, met = fault_table(result)
-        lines += table
-        verdicts.append((result, met))
-    lines += ["Targets:", ""]
-    for result, met in verdicts:
-        standbys = result["standby_processes"]
-        lines += [f"- {standbys} standby: 0 failed requests that had not started streaming: "
-                  f"{result['failed_before_stream']}, **{'met' if result['failed_before_stream'] == 0 else 'MISSED'}**; "
-                  "the desired count ready again within detection + one scale-out (the replacement's own, +0.5 s "
-                  f"for the supervision tick and sampling), every fault: **{'met' if met else 'MISSED'}**"]
+             f"one engine thread each) on this {os.cpu_count()}-core machine; the App "
+             "runs as `python entrypoint.py` in its own process, with supervision at its defaults. One run, "
+             "nothing else running.", ""]
+    table, met = fault_table(first)
+    lines += table + ["Targets:", ""]
+    lines += [f"- 0 failed requests that had not started streaming: "
+              f"{first['failed_before_stream']}, **{'met' if first['failed_before_stream'] == 0 else 'MISSED'}**; "
+              "the desired count ready again within detection + one scale-out (the replacement's own, +0.5 s "
+              f"for the supervision tick and sampling), every fault: **{'met' if met else 'MISSED'}**"]
     lines += ["", "Mid-stream failures are the streams the dead replica was generating: their bytes had reached the "
               "client, so they end with an OpenAI error event and are not retried (by design). A SIGSTOPped "
               "replica is detected by its failed health checks (3 × 1 s), the others by their process exit. A "
-              "replacement's scale-out is as fast as the standby it takes: a standby refilled after the previous "
-              "replacement may still be importing vLLM (about 8 s of CPU, which took 30-45 s of wall time in "
-              "some runs here, the 2 cores serving 16 streams meanwhile), and then the replacement waits for "
-              "it; a second standby covers faults that close together."]
+              "replacement's engine process is forked from the zygote, which imported vLLM once when the App "
+              "started: no replacement waits for an import, however close together the faults come."]
     overhead = first["router_overhead"]
     overhead_lines = [f"One-token completions, one at a time, to a replica directly and through the Router "
                       f"({overhead['rounds']} each), each path on a kept-alive connection; the paths take turns in "

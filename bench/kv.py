@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
         for url in (on_url, off_url):
             _post(url, "/scaleout", {"replicas": 2})
         on_new, off_new = newest_replica(on_url), newest_replica(off_url)
-        wait_until_quiet()  # the standby refill after each scale-out imports vLLM: seconds of CPU
+        wait_until_quiet()  # the new replicas' start-up work
         rows = []
         for reused, new in zip(stored, fresh):
             rows.append({"recompute_off_s": ttft(off_new, model, new + question),

@@ -100,23 +100,15 @@ def greedy(url: str, model: str) -> list[int]:
     return json.loads(body)["choices"][0]["token_ids"]
 
 
-def warm_standbys(count: int, timeout_s: float = 300) -> None:
-    from app.engine.pool import ENGINE_POOL
-
-    deadline = time.monotonic() + timeout_s
-    while len(ENGINE_POOL.warm_pids()) < count and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
 def fan_out(model: Path, nbytes: int, cache: Path) -> dict:
     from app import App, AppConfig
 
     config = AppConfig.load(env={}, overrides={
         "model": str(model), "router.port": 0, "engine.dtype": DTYPE, "engine.max_model_len": 512,
-        "engine.threads": 1, "engine.standby_processes": 2, "runtime.local_nodes": 3,
+        "engine.threads": 1, "runtime.local_nodes": 3,
         "runtime.ds_shared_memory_mb": max(1024, nbytes * 3 // 2 >> 20), "demo_cache_dir": str(cache)})
     with App(config) as app:
-        warm_standbys(2)  # both new replicas fork from a warm process: their fetches overlap
+        # Both new replicas fork from the zygote at once: their fetches overlap.
         log("fan-out: scale from 1 replica (node1) to 3 (node2 and node3 fetch at once)")
         scaled = app.scale(3)
         status = app.status()

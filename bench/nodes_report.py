@@ -76,7 +76,7 @@ def report(result: dict, out: Path, publish: bool) -> None:
         f"{result['fresh_memcpy_gbps']:.2f} GB/s. A fetch writes into the receiving worker's shared memory, "
         "fresh pages unless the worker pre-faulted them: that first touch is what bounds it here.", "",
         "**Fan-out from 1 node to 3**, end to end: an App with three nodes and one replica (node1), then "
-        "`scale(3)`, both new replicas forking from a warm standby (`engine.standby_processes: 2`, one engine "
+        "`scale(3)`, both new replicas forked from the zygote at once (one engine "
         f"thread each): r2 and r3 fetch onto node2 and node3 at the same time. `scale()` took "
         f"**{fan['scale_s']:.2f} s** until both served (engine start-up included); both copies were in place "
         f"{fan['copies_s']:.2f} s after the first fetch began. The WeightCache counted {fan['fetches']} "

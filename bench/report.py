@@ -94,12 +94,10 @@ def write_report(results: dict, path: Path, out: Path) -> None:
     pull_table, _ = scale_out_rows(results["scale_out_pull"])
     lines += ["## End-to-end scale-out (0.5B shape, App in local mode)", "",
               "Seconds since `app.scale()` was called, per replica, with the default fork launcher. Between "
-              "*actor up* and *weights loaded*: the warm standby engine process forks its EngineCore, which "
+              "*actor up* and *weights loaded*: the zygote forks the engine process, which forks its EngineCore, which "
               "builds vLLM's config, handshakes with the server and initialises the model, then the "
               "weights. Between *weights loaded* and *engine ready*: vLLM's post-processing of the weights, "
-              "KV cache allocation, the HTTP server. The first replica (seed) loads from disk; before each "
-              "later step the benchmark waits until a standby engine process is warm, as a burst after a "
-              "quiet spell finds the App. `BENCHMARKS.md`'s replica-start section has the phases per "
+              "KV cache allocation, the HTTP server. The first replica (seed) loads from disk. `BENCHMARKS.md`'s replica-start section has the phases per "
               "launcher and shape.", "",
               "Mapped replicas (`weights.cpu_mode: map`, the default on CPU):", ""] + table + [
               "", "Pulled replicas (`weights.cpu_mode: pull`, the copying path a GPU or NPU takes):", ""] + pull_table + [""]

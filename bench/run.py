@@ -165,15 +165,6 @@ def engine_phases(log_file: str) -> dict:
     return phases
 
 
-def warm_standby(timeout_s: float = 120) -> None:
-    """Scale as a burst would find the App after a quiet spell: with a standby engine process warm."""
-    from app.engine.pool import ENGINE_POOL
-
-    deadline = time.monotonic() + timeout_s
-    while not ENGINE_POOL.warm_pids() and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
 def scale_out(shape: DemoShape, cache: Path, cpu_mode: str, steps: tuple[int, ...]) -> dict:
     from app import App, AppConfig
 
@@ -187,8 +178,6 @@ def scale_out(shape: DemoShape, cache: Path, cpu_mode: str, steps: tuple[int, ..
     out: dict = {"model": str(model), "weight_bytes": nbytes, "cpu_mode": cpu_mode, "memory": [], "reports": []}
     with App(config) as app:
         for replicas in steps:
-            if replicas > 1:
-                warm_standby()
             log(f"end-to-end ({cpu_mode}): scale to {replicas}")
             report = app.scale(replicas)
             status = app.status()

@@ -207,8 +207,8 @@ def report(results: list[dict], args: argparse.Namespace, out: Path) -> None:
               f"{'n/a' if ratio is None else f'{ratio:.2f}x'}, **{'met' if ratio and ratio >= 2 else 'MISSED'}**",
               f"- 0 failed requests: {fixed['failed']} fixed, {scaled['failed']} autoscaled, "
               f"**{'met' if fixed['failed'] == scaled['failed'] == 0 else 'MISSED'}**", "",
-              "Conditions that decide the TTFT comparison: the Router, the benchmark's client, every engine "
-              "and the standby that refills the pool after a scale-out (several seconds of imports) share "
+              "Conditions that decide the TTFT comparison: the Router, the benchmark's client, and every engine "
+              "share "
               f"the machine's {os.cpu_count()} cores; a second replica adds an engine thread but takes CPU "
               "from all of them. The fixed replica's own spike p99 shows how far it was from saturation."]
     lines += ["", "Decisions (autoscale run):", ""]

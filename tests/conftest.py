@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 
 # Children that the App starts; anything else under the test process is none of the App's business.
-APP_PROCESS_MARKERS = ("datasystem_worker", "app.engine.main", "VLLM::EngineCore", "EngineCore")
+APP_PROCESS_MARKERS = ("datasystem_worker", "app.engine.", "VLLM::EngineCore", "EngineCore")
 
 
 PROMPT = "def fibonacci(n):"

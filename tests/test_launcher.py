@@ -1,6 +1,8 @@
-"""The fork launcher: a forked replica serves the seed's tokens; a dead EngineCore, during start-up or
-after, ends its replica at once and leaves nothing running; the spawn path takes over when the fork's
-prerequisites fail, and says why."""
+"""How engine processes are made: every process of a replica is forked from the zygote (the server
+from the zygote, its EngineCore from the server) and serves the seed's tokens; a dead EngineCore,
+during start-up or after, ends its replica at once and leaves nothing running; a killed zygote is
+restarted, and scale-outs spawn meanwhile; the spawn paths take over when the fork's prerequisites
+fail, and say why."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pytest
 from conftest import greedy, leftovers, replica_urls
 
 from app.engine.host import EngineFailed, EngineHost
-from app.engine.launch_report import Launcher
+from app.engine.launch_report import Launcher, Origin
 from app.engine.spec import EngineSpec
 from app.replica import ReplicaState
 from app.weights.load_report import PlanKind
@@ -46,9 +48,53 @@ def test_a_forked_replica_generates_exactly_like_the_seed(app, model_dir, model_
     try:
         host.start()
         launch = host.launch_report()
+        assert launch.origin is Origin.ZYGOTE and launch.origin_reason is None
         assert launch.launcher is Launcher.FORK and launch.core_pid and launch.reason is None
+        assert psutil.Process(host.info().pid).ppid() == app.status()["zygote"]["pid"]
         assert psutil.Process(launch.core_pid).ppid() == host.info().pid  # the core is the server's child
         assert greedy(host.spec.url, model_name) == greedy(seed_url, model_name)
+    finally:
+        host.stop()
+
+
+def test_the_zygote_is_shared_copy_on_write_and_reported(app):
+    status = app.status()
+    zygote = status["zygote"]
+    assert zygote["state"] == "ready" and zygote["starts"] >= 1 and zygote["preimported_modules"] > 100
+    for replica in status["replicas"]:
+        assert psutil.Process(replica["pid"]).ppid() == zygote["pid"]
+    assert 0 < zygote["pss_bytes"] < zygote["rss_bytes"]  # its pages are shared with what it forked
+    assert zygote["cow_saved_bytes"] > 0 and zygote["processes"] >= 1
+
+
+def test_a_killed_zygote_is_restarted_and_scale_outs_spawn_meanwhile(app, model_dir, model_name, tmp_path):
+    (seed_url,) = replica_urls(app).values()
+    killed = app.status()["zygote"]["pid"]
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while app.status()["zygote"]["state"] == "ready" and time.monotonic() < deadline:
+        time.sleep(0.05)  # the driver's watcher notices at once
+    host = EngineHost(engine_spec(app, model_dir, model_name, tmp_path, "while-the-zygote-restarts"))
+    try:
+        host.start()
+        launch = host.launch_report()
+        assert launch.origin is Origin.SPAWN, launch
+        assert f"zygote (pid {killed}) exited with code -9" in launch.origin_reason
+        assert greedy(host.spec.url, model_name) == greedy(seed_url, model_name)
+    finally:
+        host.stop()
+    deadline = time.monotonic() + 300
+    while app.status()["zygote"]["state"] != "ready" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    zygote = app.status()["zygote"]
+    assert zygote["state"] == "ready" and zygote["pid"] != killed and zygote["starts"] == 2
+    kinds = [event["kind"] for event in app.status()["events"]]
+    assert "zygote_died" in kinds and "zygote_restarted" in kinds
+    host = EngineHost(engine_spec(app, model_dir, model_name, tmp_path, "after-the-zygote-restarted"))
+    try:
+        host.start()
+        assert host.launch_report().origin is Origin.ZYGOTE
+        assert psutil.Process(host.info().pid).ppid() == zygote["pid"]
     finally:
         host.stop()
 
@@ -118,6 +164,8 @@ def test_the_spawn_path_takes_over_when_forking_is_unsafe(app, model_dir, model_
     try:
         host.start()
         launch = host.launch_report()
+        # Its environment (another cache directory) is no zygote's: the engine process was spawned too.
+        assert launch.origin is Origin.SPAWN and "no zygote holds engines like this one" in launch.origin_reason
         assert launch.launcher is Launcher.SPAWN and launch.core_pid is None
         assert "threads are running (started-at-import)" in launch.reason
         assert "using the spawn launcher" in open(host.info().log).read()

@@ -7,6 +7,7 @@ checked by that fixture's teardown, at the end of the session.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -134,6 +135,54 @@ def test_entrypoint_rejects_a_flag_of_the_wrong_type():
     assert result.returncode == 2 and "--replicas" in result.stderr
 
 
+# ---- engine processes ------------------------------------------------------------------------------
+
+@pytest.mark.engine
+def test_engine_processes_die_with_a_killed_driver(model_dir, tmp_path):
+    """A forked engine's parent is the zygote, not the driver, so PR_SET_PDEATHSIG cannot tie it to the
+    driver: the engine watches the driver itself. SIGKILL runs no cleanup in the driver at all."""
+    script = textwrap.dedent(f"""
+        import json, time, urllib.request
+        from pathlib import Path
+        from app.config import AppConfig
+        from app.engine.spec import EngineSpec
+        from app.engine.zygotes import ZYGOTES
+        from app.runtime.processes import free_port
+        config = AppConfig.load(env={{}}, overrides={{"engine.dtype": "float32", "engine.max_model_len": 512,
+                                "engine.kv_cache_gib": 0.125, "demo_cache_dir": {str(test_cache_dir())!r}}})
+        spec = EngineSpec.from_config(config, replica_id="orphan", model=Path({str(model_dir)!r}),
+                                      served_model_name="m", log_dir=Path({str(tmp_path)!r}), port=free_port())
+        zygote = ZYGOTES.hold(spec)
+        engine = ZYGOTES.engine_process(spec)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(spec.url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.1)
+        print(json.dumps({{"zygote": zygote.pid, "engine": engine.pid}}), flush=True)
+        time.sleep(600)
+    """)
+    driver = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=_clean_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        line = driver.stdout.readline()
+        pids = json.loads(line)
+        engine = psutil.Process(pids["engine"])
+        assert engine.ppid() == pids["zygote"], "the engine process was not forked from the zygote"
+        family = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+        assert len(family) >= 4, family  # the driver, the zygote, the engine server and its EngineCore
+        driver.kill()
+        driver.wait(10)
+        left = leftovers(family)
+        assert not left, f"processes outlived their killed driver: {[p.pid for p in left]}"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(10)
+
+
 # ---- a failed start stops what it started ------------------------------------------------------------
 
 @pytest.mark.engine
@@ -144,9 +193,6 @@ def test_an_app_whose_engine_cannot_start_stops_everything(tmp_path):
         "router.port": 0, "engine.dtype": "float32", "engine.max_model_len": 512,
         "engine.kv_cache_gib": 0.125, "runtime.ds_shared_memory_mb": 256,
         "engine.extra_args": ["--no-such-vllm-flag"], "demo_cache_dir": str(test_cache_dir())})
-    from app.engine.pool import ENGINE_POOL
-
-    ENGINE_POOL.close()  # so that this App starts (and must stop) an engine process of its own
     app = App(config)
     seen: dict[psutil.Process, str] = {}
     before = set(app_descendants())  # the session's shared App may be running beside this one
@@ -169,7 +215,7 @@ def test_an_app_whose_engine_cannot_start_stops_everything(tmp_path):
         watcher.join(5)
     assert "no-such-vllm-flag" in str(info.value), "the error carries the engine's own reason"
     assert any("datasystem_worker" in cmd for cmd in seen.values()), seen
-    assert any("app.engine.main" in cmd for cmd in seen.values()), seen
+    assert any("app.engine." in cmd for cmd in seen.values()), seen  # an engine process (and its zygote, if new)
     assert not leftovers(list(seen)), "a failed start left processes behind"
     assert not set(app_descendants()) - before
     app.shutdown()  # idempotent after a failed start

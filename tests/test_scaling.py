@@ -76,11 +76,13 @@ def test_scale_out_maps_the_seeds_weights_and_reads_no_weight_file(app, model_di
     for replica in added:
         assert replica.weights.plan is PlanKind.MAP and replica.weights.source is WeightSource.HOST
         assert replica.weights.fallback_reason is None and replica.weights.bytes > 0
-        assert list(replica.seconds_since_requested()) == ["requested", "actor_up", "standby_taken", "core_forked",
+        assert list(replica.seconds_since_requested()) == ["requested", "actor_up", "process_made", "core_forked",
                                                            "weights_loaded", "engine_ready", "first_token"]
         assert replica.launch.launcher.value == "fork" and replica.launch.reason is None
+        assert replica.launch.origin.value == "zygote" and replica.launch.origin_reason is None
     printed = str(report)
     assert "plan map, from host" in printed and "GB/s" in printed and "fork launcher" in printed
+    assert "process forked from the zygote" in printed
     assert {r["launcher"] for r in app.status()["replicas"]} == {"fork"}
     assert json.loads(json.dumps(report.to_dict()))["replicas"][0]["weights"]["plan"] == "map"
     stats = app.status()["weight_cache"]

@@ -146,6 +146,7 @@ class Zygote:
         self._ready: ZygoteReady | None = None
         self._starts = 0
         self._spawned_at = 0.0
+        self._death: str | None = None  # how the last zygote died, while it is restarted
         self._process, self._control = self._spawn()
         self._watcher = threading.Thread(target=self._watch, name="zygote-watch", daemon=True)
         self._watcher.start()
@@ -256,9 +257,9 @@ class Zygote:
             lived = time.monotonic() - self._spawned_at
             with self._lock:
                 self._state, self._ready = ZygoteState.DEAD, None
+                self._death = f"zygote (pid {process.pid}) exited with code {code}: {self._last_line()}"
                 self._control.close()
-            self._tell("died", f"zygote (pid {process.pid}) exited with code {code}: {self._last_line()}; "
-                               f"scale-outs spawn engine processes until it is restarted")
+            self._tell("died", f"{self._death}; scale-outs spawn engine processes until it is restarted")
             time.sleep(delay)
             delay = min(60.0, delay * 2) if lived < 60 else 1.0  # one that keeps dying backs off
             with self._lock:
@@ -282,7 +283,7 @@ class Zygote:
         with self._lock:
             if message and control is self._control and self._state is ZygoteState.STARTING:
                 self._ready = ZygoteReady.model_validate_json(message)
-                self._state = ZygoteState.READY
+                self._state, self._death = ZygoteState.READY, None
                 logger.info("restarted zygote %d ready", self.pid)
 
     def _tell(self, what: str, sentence: str) -> None:
@@ -295,8 +296,8 @@ class Zygote:
 
     def _describe(self) -> str:
         if self._state is ZygoteState.STARTING:
-            return f"restarting (pid {self.pid}, start {self._starts}), still importing"
-        return self._state.value
+            return f"restarting after the {self._death} (pid {self.pid}, start {self._starts}), still importing"
+        return f"{self._state.value}: the {self._death}" if self._death else self._state.value
 
     def _last_line(self) -> str:
         return (self._process.log_tail(1).strip() or "no log")[-300:]
