@@ -217,3 +217,8 @@ def test_a_tensor_parallel_size_the_model_cannot_take_stops_entrypoint_before_an
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "error: prefill.tensor_parallel=3: the model's 4 attention heads do not split over 3 ranks" in done.stderr
+
+
+def test_the_removed_standby_setting_is_refused_with_what_replaced_it():
+    with pytest.raises(ConfigError, match="engine.standby_processes was removed: every engine process is forked"):
+        AppConfig.load(env={}, overrides={"engine.standby_processes": 1})

@@ -214,8 +214,10 @@ def test_an_app_whose_engine_cannot_start_stops_everything(tmp_path):
         done.set()
         watcher.join(5)
     assert "no-such-vllm-flag" in str(info.value), "the error carries the engine's own reason"
+    # Its engine process existed (forked from the zygote this App shares with the session's, it may have
+    # come and gone between two looks of the watcher) and exited on the bad flag.
+    assert "engine r1 exited with code 2 while starting" in str(info.value)
     assert any("datasystem_worker" in cmd for cmd in seen.values()), seen
-    assert any("app.engine." in cmd for cmd in seen.values()), seen  # an engine process (and its zygote, if new)
     assert not leftovers(list(seen)), "a failed start left processes behind"
     assert not set(app_descendants()) - before
     app.shutdown()  # idempotent after a failed start

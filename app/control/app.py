@@ -24,7 +24,8 @@ from app.control.supervisor import Supervisor
 from app.control.weight_client import WeightCacheClient
 from app.engine.spec import EngineSpec
 from app.engine.tensor_parallel import check_tensor_parallel, kv_splits
-from app.engine.zygotes import ZYGOTES, ZygoteUnavailable
+from app.engine.zygote_client import ZygoteUnavailable
+from app.engine.zygotes import ZYGOTES
 from app.events import EventKind
 from app.kv.settings import ConnectorSettings
 from app.replica import Node, Role

@@ -21,7 +21,8 @@ import urllib.request
 
 from app.engine.launch_report import LaunchReport, WorkersReport
 from app.engine.spec import EngineSpec
-from app.engine.zygotes import ZYGOTES, EngineProcess
+from app.engine.engine_process import EngineProcess
+from app.engine.zygotes import ZYGOTES
 from app.kv.journal import SIDES, JournalReader, rank_journal
 from app.replica import ReplicaInfo, ReplicaState
 from app.runtime.processes import free_port, is_live_child, parent_pid
