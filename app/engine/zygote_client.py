@@ -65,10 +65,6 @@ class Zygote:
         self._watcher.start()
 
     @property
-    def state(self) -> ZygoteState:
-        return self._state
-
-    @property
     def pid(self) -> int:
         return self._process.pid
 
