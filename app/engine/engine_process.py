@@ -27,7 +27,6 @@ class EngineProcess(Protocol):
 
     def poll(self) -> int | None: ...
     def wait(self, timeout_s: float) -> int | None: ...
-    def log_head(self, size: int = 1 << 16) -> str: ...
     def log_tail(self, lines: int = 30) -> str: ...
     def stop(self, grace_s: float = 30.0) -> int: ...
 
@@ -59,13 +58,6 @@ class ForkedProcess:
             self._code = EXIT_CODE_UNKNOWN
         os.close(self._pidfd)
         return self._code
-
-    def log_head(self, size: int = 1 << 16) -> str:
-        try:
-            with open(self.log_file, "rb") as log:
-                return log.read(size).decode(errors="replace")
-        except OSError:
-            return ""
 
     def log_tail(self, lines: int = 30) -> str:
         return tail(self.log_file, lines)

@@ -3,10 +3,10 @@ against it.
 
 vLLM's OpenAI server normally spawns its EngineCore (the CPU platform forces ``spawn``), and the new
 process imports torch and vLLM again: ~7 s of a replica's start on 2 cores. Here the engine process,
-forked from a zygote that imported everything (``zygote``), forks instead. The child runs vLLM's own engine-core
-entry point (``EngineCoreProc.run_engine_core``, as ``vllm serve --headless`` does) and handshakes over
-TCP; the parent runs vLLM's OpenAI server with ``--data-parallel-size-local 0``, its documented way
-of serving engines started elsewhere. Nothing of vLLM is patched or monkeypatched.
+forked from a zygote that imported everything (``zygote``), forks instead. The child runs vLLM's own
+engine-core entry point (``EngineCoreProc.run_engine_core``, as ``vllm serve --headless`` does) and
+handshakes over TCP; the parent runs vLLM's OpenAI server with ``--data-parallel-size-local 0``, its
+documented way of serving engines started elsewhere. Nothing of vLLM is patched or monkeypatched.
 
 That entry point and its arguments are internal API, so ``fork_support`` checks them (and the other
 prerequisites) when the process prepares; when they do not hold, the engine process uses the spawn path and
@@ -25,12 +25,11 @@ import os
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from app.files import tail
-from app.runtime.processes import die_with_parent
+from app.runtime.processes import die_with_parent, run_as_forked_child
 
 #: Exit code of an engine process whose EngineCore died.
 CORE_DIED = 70
@@ -93,19 +92,11 @@ def fork_core(core_args: argparse.Namespace, host: str, rpc_port: int, log_file:
 
 
 def _run_core(args: argparse.Namespace, handshake_address: str, log_file: Path,
-              on_start: Callable[[], None]) -> None:
-    code = 1
-    try:
+              on_start: Callable[[], None]) -> NoReturn:
+    def core() -> None:
         # Killed with the server (the thread that forked us is the server's main thread, which lives as
         # long as the server); stays in the server's process group, which the App stops as one.
         die_with_parent()
-        log = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.close(log)
-        stdin = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(stdin, 0)
-        os.close(stdin)
         on_start()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
@@ -117,15 +108,8 @@ def _run_core(args: argparse.Namespace, handshake_address: str, log_file: Path,
         EngineCoreProc.run_engine_core(vllm_config=config, local_client=False, handshake_address=handshake_address,
                                        executor_class=Executor.get_class(config),
                                        log_stats=not engine_args.disable_log_stats, dp_rank=0, local_dp_rank=0)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 0
-    except BaseException:  # noqa: BLE001 - reported in the core's log, then the process ends
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+
+    run_as_forked_child(log_file, core)
 
 
 def watch_core(pid: int, log_file: Path) -> None:

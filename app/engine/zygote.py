@@ -24,14 +24,15 @@ import select
 import signal
 import socket
 import sys
-import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from pydantic import BaseModel
 
 from app.engine.main import Prepared, prepare, serve
 from app.engine.order import EngineOrder
 from app.files import write_atomically
+from app.runtime.processes import run_as_forked_child
 
 #: Names the descriptor of the zygote's end of its socket pair.
 CONTROL_FD_ENV = "YRLLM_ZYGOTE_FD"
@@ -80,30 +81,16 @@ def main() -> None:
         socket.send_fds(control, [Forked(pid=pid).model_dump_json().encode()], [pidfd])
 
 
-def _become_engine(order: EngineOrder, log_fd: int, prepared: Prepared, inherited: list[int]) -> None:
+def _become_engine(order: EngineOrder, log_fd: int, prepared: Prepared, inherited: list[int]) -> NoReturn:
     """In the forked child: detach from the zygote, serve ``order``, and never return."""
-    code = 1
-    try:
+    def engine() -> None:
         os.setsid()  # its own session and process group, which the App stops as one
         for fd in inherited:
             os.close(fd)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(log_fd)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.close(null)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         serve(order, prepared)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 0
-    except BaseException:  # noqa: BLE001 - reported in the engine's log, then the process ends
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+
+    run_as_forked_child(log_fd, engine)
 
 
 if __name__ == "__main__":

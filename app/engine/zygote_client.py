@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 from app.engine.engine_process import ForkedProcess
 from app.engine.order import EngineOrder
 from app.engine.zygote import CONTROL_FD_ENV, MAX_MESSAGE, Forked, ZygoteReady
-from app.runtime.memory import ProcessMemory, family_memory
+from app.runtime.memory import family_memory
 from app.runtime.processes import ChildProcess
 
 logger = logging.getLogger(__name__)
@@ -120,12 +120,8 @@ class Zygote:
                     order.spec.replica_id, forked.pid, self.pid, log_file)
         return ForkedProcess(forked.pid, fds[0], log_file, order.spec.exit_code_path)
 
-    def memory(self) -> list[ProcessMemory]:
-        """The zygote and every process forked from it that still runs under it."""
-        return family_memory(self.pid)
-
     def status(self) -> dict:
-        memory = self.memory()
+        memory = family_memory(self.pid)  # the zygote first, then what runs under it
         return {"pid": self.pid, "state": self._state.value, "starts": self._starts, "log": str(self._process.log_file),
                 "preimported_modules": self._ready.preimported_modules if self._ready else None,
                 "processes": len(memory), "rss_bytes": memory[0].rss if memory else None,

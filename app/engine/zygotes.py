@@ -65,14 +65,12 @@ class Zygotes:
             zygote, holders = self._zygotes[key]
             if holders > 1:
                 self._zygotes[key] = (zygote, holders - 1)
-                zygote = None
             else:
                 del self._zygotes[key]
-        if zygote is None:
-            return
         if listener is not None:
             zygote.unlisten(listener)
-        zygote.close()
+        if holders == 1:
+            zygote.close()
 
     def zygote(self, spec: EngineSpec) -> Zygote | None:
         with self._lock:
@@ -95,11 +93,6 @@ class Zygotes:
                                log_file, env={**_environment(spec), "PYTHONPATH": project_root()}, stdin=True)
         process.send_line(EngineOrder(spec=spec, origin=Origin.SPAWN, reason=reason).model_dump_json())
         return process
-
-    def status(self) -> list[dict]:
-        with self._lock:
-            zygotes = [zygote for zygote, _ in self._zygotes.values()]
-        return [zygote.status() for zygote in zygotes]
 
 
 def _environment(spec: EngineSpec) -> dict[str, str | None]:

@@ -17,10 +17,12 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import threading
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, NoReturn, Sequence
 
 from app.files import tail
 
@@ -51,6 +53,31 @@ def end_group_with(pid: int) -> None:
         os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=watch, name=f"end-with-{pid}", daemon=True).start()
+
+
+def run_as_forked_child(output: int | Path, body: Callable[[], None]) -> NoReturn:
+    """In a child just forked: send stdout and stderr to ``output`` (a descriptor, or a file appended
+    to) and read stdin from /dev/null, run ``body``, then exit with its outcome (its SystemExit code,
+    0, or 1 after printing the exception). Never returns into the parent's code."""
+    code = 1
+    try:
+        log = output if isinstance(output, int) else os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        body()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0
+    except BaseException:  # noqa: BLE001 - reported in the child's log, then the child ends
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -131,13 +158,6 @@ class ChildProcess:
             return self._popen.wait(timeout_s)
         except subprocess.TimeoutExpired:
             return None
-
-    def log_head(self, size: int = 1 << 16) -> str:
-        try:
-            with open(self.log_file, "rb") as log:
-                return log.read(size).decode(errors="replace")
-        except OSError:
-            return ""
 
     def log_tail(self, lines: int = 30) -> str:
         return tail(self.log_file, lines)
