@@ -4,10 +4,10 @@ Why a process per engine, and not the engine inside the actor: in yr local mode 
 the driver, and engines sharing one process share a GIL and silently clobber each other's ``vllm:*``
 Prometheus metrics; a crashed engine would also take the driver down. Processes are forked from the
 node's zygote (``zygotes``), which imported everything once. The process runs vLLM's own OpenAI
-server; its EngineCore is a second process, forked from it (``launcher``) or spawned by vLLM. Without tensor
-parallelism the model worker stays inside EngineCore (see ``EngineSpec.environment``), so a replica is
-two processes; with N ranks, EngineCore forks one worker per rank (``forked_workers``): 2 + N
-processes, all in one process group, each watched here.
+server; its EngineCore is a second process, forked from it (``launcher``) or spawned by vLLM.
+Without tensor parallelism the model worker stays inside EngineCore (see ``EngineSpec.environment``),
+so a replica is two processes; with N ranks, EngineCore forks one worker per rank
+(``forked_workers``): 2 + N processes, all in one process group, each watched here.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import time
 import urllib.error
 import urllib.request
 
+from app.engine.engine_process import EngineProcess
 from app.engine.launch_report import LaunchReport, WorkersReport
 from app.engine.spec import EngineSpec
-from app.engine.engine_process import EngineProcess
 from app.engine.zygotes import ZYGOTES
 from app.kv.journal import SIDES, JournalReader, rank_journal
 from app.replica import ReplicaInfo, ReplicaState

@@ -104,6 +104,7 @@ class Zygote:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self._wait_ready(self._start_timeout_s)
+            order.spec.exit_code_path.unlink(missing_ok=True)  # a replica id's earlier process may have left one
             log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
                 self._control.settimeout(_FORK_TIMEOUT_S)
