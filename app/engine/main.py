@@ -3,9 +3,9 @@
 An engine process is made in one of two ways (``EngineOrder.origin``), and both run the two halves
 below:
 
-- ``prepare`` imports vLLM's server and the modules a real start imports (``preimports``), fills
-  torch.compile's per-process caches where the App runs tensor-parallel engines
-  (``preimports.warm_compiler``), checks that the process can fork an EngineCore
+- ``prepare`` imports vLLM's server and the modules a real start imports (``preimports``), sets up
+  vLLM's logging as its defaults configure it, fills torch.compile's per-process caches where the App
+  runs tensor-parallel engines (``preimports.warm_compiler``), checks that the process can fork an EngineCore
   (``launcher.fork_support``) and that the core can fork its tensor-parallel workers
   (``forked_workers.fork_workers_support``), then collects and freezes the heap, so that neither vLLM's
   five full collections during start-up nor a forked child walk those objects again. No torch
@@ -53,11 +53,15 @@ class Prepared:
 def prepare() -> Prepared:
     """Import and check everything an engine start needs, then freeze the heap (see the module docstring)."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.logger import configure_logging_from_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from app.engine.forked_workers import fork_workers_support
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="engine"))
+    # vLLM's logging as its defaults configure it (a dictConfig, 0.1 s in each forked child): vLLM applies
+    # an engine's own again in ``serve`` only where its flags change it (configure_logging_if_needed).
+    configure_logging_from_args(parser.parse_args([]))
     cache_dir = Path(os.environ[CACHE_DIR_ENV]) if os.environ.get(CACHE_DIR_ENV) else None
     preimported = preimport(cache_dir)
     if os.environ.get(WARM_COMPILER_ENV):  # tensor-parallel pools: their first request compiles
