@@ -10,9 +10,9 @@ from pydantic import BaseModel, Field
 class Launcher(str, Enum):
     """How an engine process starts vLLM's EngineCore.
 
-    FORK: the pre-imported, frozen engine process forks the core (vLLM's own engine-core entry point, handshaking
-    over TCP) and runs vLLM's OpenAI server against it as an external engine: no second import of
-    torch and vLLM. SPAWN: vLLM's standard path (its OpenAI server spawns EngineCore, which imports
+    FORK: the pre-imported, frozen engine process forks the core (vLLM's own engine-core entry point,
+    handshaking over TCP) and runs vLLM's OpenAI server against it as an external engine: no second
+    import of torch and vLLM. SPAWN: vLLM's standard path (its OpenAI server spawns EngineCore, which imports
     everything again); the fallback when the fork's prerequisites do not hold."""
 
     FORK = "fork"

@@ -5,10 +5,10 @@ below:
 
 - ``prepare`` imports vLLM's server and the modules a real start imports (``preimports``), sets up
   vLLM's logging as its defaults configure it, fills torch.compile's per-process caches where the App
-  runs tensor-parallel engines (``preimports.warm_compiler``), checks that the process can fork an EngineCore
-  (``launcher.fork_support``) and that the core can fork its tensor-parallel workers
-  (``forked_workers.fork_workers_support``), then collects and freezes the heap, so that neither vLLM's
-  five full collections during start-up nor a forked child walk those objects again. No torch
+  runs tensor-parallel engines (``preimports.warm_compiler``), checks that the process can fork an
+  EngineCore (``launcher.fork_support``) and that the core can fork its tensor-parallel workers
+  (``forked_workers.fork_workers_support``), then collects and freezes the heap, so that neither
+  vLLM's five full collections during start-up nor a forked child walk those objects again. No torch
   operation and no thread runs: OpenMP threads would start, and a fork would copy them half-made.
 - ``serve`` launches the engine of one order with the launcher its spec asks for (fork by default,
   spawn as the fallback), writes a LaunchReport and runs the server until SIGTERM.
