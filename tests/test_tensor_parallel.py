@@ -52,7 +52,9 @@ class Deployment:
     def __init__(self, model: Path, log: Path) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, **ORIGINAL_CASE_BLOCK, "MODEL_PATH": str(model), "SERVER_PORT": str(self.port),
+        # The App reads every YRLLM_* variable as configuration: the suite's own (YRLLM_TEST_CACHE) stay out.
+        ours = {name: value for name, value in os.environ.items() if not name.startswith("YRLLM_")}
+        env = {**ours, **ORIGINAL_CASE_BLOCK, "MODEL_PATH": str(model), "SERVER_PORT": str(self.port),
                # Sized for the suite, as every other test App is (the block itself is unchanged).
                "YRLLM_ENGINE__DTYPE": "float32", "YRLLM_ENGINE__MAX_MODEL_LEN": "512",
                "YRLLM_ENGINE__KV_CACHE_GIB": "0.125", "YRLLM_RUNTIME__DS_SHARED_MEMORY_MB": "1024",
