@@ -79,8 +79,8 @@ class EngineConfig(_Section):
     extra_args: list[str] = Field(default_factory=list, description="Extra vLLM server flags passed "
                                   "verbatim, for example ['--max-num-seqs', '8'].")
     launcher: Literal["fork", "spawn"] = Field("fork", description="How an engine process starts vLLM's "
-                                               "EngineCore: 'fork' (the pre-imported engine process forks it: no second "
-                                               "import) or 'spawn' (vLLM's standard path). fork falls back "
+                                               "EngineCore: 'fork' (the pre-imported engine process forks "
+                                               "it: no second import) or 'spawn' (vLLM's standard path). fork falls back "
                                                "to spawn, with the reason, where its prerequisites fail.")
     tp_workers: Literal["fork", "spawn"] = Field("fork", description="Tensor parallel > 1: how the EngineCore "
                                                  "starts one worker per rank: 'fork' (from the pre-imported core: "

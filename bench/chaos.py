@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from bench.chaos_report import DEFAULT_OUT, report
 from bench.driver import ds_worker_pid, start_driver, status, stop_driver, wait_until_quiet
+from bench.run import conditions
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox"
@@ -140,7 +141,8 @@ def run(args: argparse.Namespace) -> dict:
         wait_until_quiet()  # the replicas' start-up work would be timed as the Router's cost
         overhead = router_overhead(url, model, args.overhead_rounds)
         print(f"router overhead: {overhead}", flush=True)
-        return {**chaos(driver, url, model, args), "router_overhead": overhead}
+        return {**chaos(driver, url, model, args), "router_overhead": overhead,
+                "conditions": conditions(argparse.Namespace(quick=False))}
     finally:
         stop_driver(driver)
 

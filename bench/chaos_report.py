@@ -3,8 +3,9 @@ the BENCHMARKS.md sections."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from bench.run import host_line
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "out"
@@ -39,8 +40,8 @@ def fault_table(result: dict) -> tuple[list[str], bool]:
 
 def report(first: dict, out: Path) -> None:
     lines = [f"{first['clients']} clients streaming {first['tokens']}-token completions back to back for "
-             f"{first['seconds']:.0f} s against {first['replicas']} replicas (demo model, float32, fork launcher, "
-             f"one engine thread each) on this {os.cpu_count()}-core machine; the App "
+             f"{first['seconds']:.0f} s against {first['replicas']} replicas (demo model, float32, every engine "
+             f"process forked from the zygote, one engine thread each). Host: {host_line(first['conditions'])}. The App "
              "runs as `python entrypoint.py` in its own process, with supervision at its defaults. One run, "
              "nothing else running.", ""]
     table, met = fault_table(first)

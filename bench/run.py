@@ -194,6 +194,12 @@ def scale_out(shape: DemoShape, cache: Path, cpu_mode: str, steps: tuple[int, ..
 
 # ---- report ------------------------------------------------------------------------------------------
 
+def host_line(host: dict) -> str:
+    """The host as benchmarks print it beside their figures (hosts of this machine kind differ)."""
+    flags = ", ".join(f"{name} {'yes' if host.get(name) else 'no'}" for name in ("avx512", "avx512_bf16", "amx"))
+    return f"{host['cpu']}, {host['cores']} cores ({flags}), {host['ram_gib']} GiB, torch {host['torch']}"
+
+
 def conditions(args: argparse.Namespace) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())

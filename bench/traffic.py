@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.run import conditions, host_line
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "out"
 #: (seconds, requests per second): idle, step up, spike, decay, idle.
@@ -177,18 +179,19 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     trace = make_trace(args.spike_rps)
+    host = conditions(argparse.Namespace(quick=False))
     results = [run(False, trace, args.scale, args.threads, args.max_replicas),
                run(True, trace, args.scale, args.threads, args.max_replicas)]
-    (args.out / "traffic.json").write_text(json.dumps(results, indent=1))
-    report(results, args, args.out)
+    (args.out / "traffic.json").write_text(json.dumps({"conditions": host, "runs": results}, indent=1))
+    report(results, host, args, args.out)
 
 
-def report(results: list[dict], args: argparse.Namespace, out: Path) -> None:
+def report(results: list[dict], host: dict, args: argparse.Namespace, out: Path) -> None:
     plot(results, out)
     fixed, scaled = (result["summary"] for result in results)
     lines = ["# Bursty traffic: fixed vs autoscaled", "", f"Trace (seconds, requests/s): {make_trace(args.spike_rps)}, time scale "
-             f"{args.scale}. Streaming chat, 128 tokens, demo model (tiny), float32, fork launcher, "
-             f"{args.threads} engine thread(s) per replica on this {os.cpu_count()}-core machine, autoscaled "
+             f"{args.scale}. Streaming chat, 128 tokens, demo model (tiny), float32, every engine process forked from "
+             f"the zygote, {args.threads} engine thread(s) per replica. Host: {host_line(host)}. Autoscaled "
              f"between 1 and {args.max_replicas} replicas. Both runs in one invocation, nothing else running.", "",
              "| run | requests | failed | first added replica ready (s after the spike began) | max ready | "
              "spike TTFT p50 s | spike TTFT p99 s |",

@@ -24,7 +24,7 @@ from app.control.supervisor import Supervisor
 from app.control.weight_client import WeightCacheClient
 from app.engine.spec import EngineSpec
 from app.engine.tensor_parallel import check_tensor_parallel, kv_splits
-from app.engine.zygote_client import ZygoteUnavailable
+from app.engine.zygote_client import Zygote, ZygoteUnavailable
 from app.engine.zygotes import ZYGOTES
 from app.events import EventKind
 from app.kv.settings import ConnectorSettings
@@ -57,7 +57,7 @@ class App:
         self._autoscaler: Autoscaler | None = None
         self._supervisor: Supervisor | None = None
         self._kv: KVAccountant | None = None  # None: kv.enabled is off
-        self._zygote_spec: EngineSpec | None = None  # the engines' spec whose zygote this App holds
+        self._zygote: Zygote | None = None  # the zygote of this App's engines, while it holds it
         self._events: EventLog | None = None
         self._kv_splits = 1  # objects per KV block: every pool's ranks read and write whole ones
         self._log_dir = Path(tempfile.mkdtemp(prefix="yrllm-logs-"))
@@ -90,8 +90,7 @@ class App:
                                   field=f"{'decode' if role is Role.DECODE else 'prefill'}.tensor_parallel")
         self._kv_splits = kv_splits(self.model_dir, set(sizes.values()))
         # The zygote imports vLLM (~10 s of CPU) while the data system worker and the Router start.
-        self._zygote_spec = self._engine_spec("zygote", Role.MERGED)
-        ZYGOTES.hold(self._zygote_spec, self._zygote_event)
+        self._zygote = ZYGOTES.hold(self._engine_spec("zygote", Role.MERGED), self._zygote_event)
         self._runtime.start()
         self._router = Router.options(yr.InvokeOptions(concurrency=8)).invoke(
             self.config.router, [self.served_model_name], self.config.mode)
@@ -107,7 +106,7 @@ class App:
         self._scale_requests = ScaleRequestServer(self._router, self._scaler)
         self._scale_requests.start()
         try:  # vLLM is imported before start() returns, so that no scale-out waits for it
-            ZYGOTES.zygote(self._zygote_spec).wait_ready()
+            self._zygote.wait_ready()
         except ZygoteUnavailable as exc:
             logger.warning("engine processes are spawned until the zygote is ready: %s", exc)
         self.start_report = self._scaler.scale(self.config.pools)
@@ -168,9 +167,9 @@ class App:
             self._kv = None
         if self._scaler is not None:
             self._scaler.stop_all()
-        if self._zygote_spec is not None:
-            ZYGOTES.release(self._zygote_spec, self._zygote_event)  # the last App to hold it stops it
-            self._zygote_spec = None
+        if self._zygote is not None:
+            ZYGOTES.release(self._zygote, self._zygote_event)  # the last App to hold it stops it
+            self._zygote = None
         if self._weights is not None:
             _finish_actor(self._weights.actor, "clear")  # frees the cached weights in the data system
             self._weights = None
@@ -195,9 +194,8 @@ class App:
         status = yr.get(self._router.status.invoke()) if self._router is not None else {}
         if self._weights is not None:
             status["weight_cache"] = self._weights.stats()
-        zygote = ZYGOTES.zygote(self._zygote_spec) if self._zygote_spec is not None else None
-        if zygote is not None:
-            status["zygote"] = zygote.status()
+        if self._zygote is not None:
+            status["zygote"] = self._zygote.status()
         return {"url": self.url if self.router_port else None, "model": self.served_model_name,
                 "model_dir": str(self.model_dir) if self.model_dir else None,
                 "runtime": self._runtime.mode.value, "runtime_ready_at": self._runtime.ready_at,

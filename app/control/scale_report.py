@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.engine.launch_report import LaunchReport
+from app.engine.launch_report import LaunchReport, Origin
 from app.replica import ReplicaState, Role
 from app.weights.load_report import LoadReport
 
@@ -81,8 +81,8 @@ class ScaleReport(BaseModel):
                          f"{replica.action:<8} {replica.state.value:<8} {marks}")
             if replica.launch is not None:
                 workers = replica.launch.workers
-                origin = replica.launch.origin
-                lines.append(f"         engine: process {'forked from the zygote' if origin.value == 'zygote' else 'spawned'}"
+                forked = replica.launch.origin is Origin.ZYGOTE
+                lines.append(f"         engine: process {'forked from the zygote' if forked else 'spawned'}"
                              + (f" ({replica.launch.origin_reason})" if replica.launch.origin_reason else "")
                              + f", {replica.launch.launcher.value} launcher"
                              + (f" ({replica.launch.reason})" if replica.launch.reason else "")

@@ -2,8 +2,8 @@
 
 With tensor parallel size N > 1 vLLM runs its multiprocess executor: the EngineCore starts one worker
 process per rank, and the CPU platform makes them *spawned* processes, each importing torch and vLLM
-again (~7 s each on 2 cores). The EngineCore itself was forked from a pre-imported engine process (``launcher``), so
-it already holds every module a worker needs. ``ForkedWorkersExecutor`` is vLLM's
+again (~7 s each on 2 cores). The EngineCore itself was forked from a pre-imported engine process
+(``launcher``), so it already holds every module a worker needs. ``ForkedWorkersExecutor`` is vLLM's
 ``MultiprocExecutor``, chosen through vLLM's documented ``distributed_executor_backend`` (which takes an
 ``Executor`` subclass by import path), that asks for the ``fork`` start method while, and only while,
 it starts its workers: ``get_mp_context()`` reads ``VLLM_WORKER_MULTIPROC_METHOD`` when called. Nothing
@@ -14,8 +14,8 @@ sets before each start (``OMPProcessManager.configure_omp_envs``), so a fork hoo
 child: the rank's thread count and, where vLLM binds threads, its CPUs.
 
 ``_init_executor`` is private API, so ``fork_workers_support`` checks the prerequisites when the
-zygote prepares, and the executor checks them again (with the process's threads) before forking; when they do
-not hold it spawns the workers, as vLLM would, and says why. Either way it writes which, and the
+zygote prepares, and the executor checks them again (with the process's threads) before forking; when
+they do not hold it spawns the workers, as vLLM would, and says why. Either way it writes which, and the
 workers' pids, to the file ``WORKERS_REPORT_ENV`` names, for the engine host's supervision.
 """
 

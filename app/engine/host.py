@@ -19,13 +19,12 @@ import time
 import urllib.error
 import urllib.request
 
-from app.engine.engine_process import EngineProcess
 from app.engine.launch_report import LaunchReport, WorkersReport
 from app.engine.spec import EngineSpec
 from app.engine.zygotes import ZYGOTES
 from app.kv.journal import SIDES, JournalReader, rank_journal
 from app.replica import ReplicaInfo, ReplicaState
-from app.runtime.processes import free_port, is_live_child, parent_pid
+from app.runtime.processes import GroupLeader, free_port, is_live_child, parent_pid
 from app.weights.load_report import LoadReport
 from app.weights.plan import WeightPlan
 
@@ -43,7 +42,7 @@ class EngineHost:
     def __init__(self, spec: EngineSpec) -> None:
         self._spec = spec
         self._state = ReplicaState.PENDING
-        self._process: EngineProcess | None = None
+        self._process: GroupLeader | None = None
         self._failure: str | None = None
         self._launch: LaunchReport | None = None  # once ready
         self._workers: dict[int, int] = {}  # tensor parallel: each worker's pid -> its parent's, once ready

@@ -9,8 +9,8 @@ handshakes over TCP; the parent runs vLLM's OpenAI server with ``--data-parallel
 documented way of serving engines started elsewhere. Nothing of vLLM is patched or monkeypatched.
 
 That entry point and its arguments are internal API, so ``fork_support`` checks them (and the other
-prerequisites) when the process prepares; when they do not hold, the engine process uses the spawn path and
-says why.
+prerequisites) when the process prepares; when they do not hold, the engine process uses the spawn
+path and says why.
 
 vLLM does not watch an external engine (and can wait for one for ten minutes), so the parent does:
 a thread waits on the core's pid, and if it exits at any time the server exits at once, after

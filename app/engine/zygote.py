@@ -40,7 +40,6 @@ MAX_MESSAGE = 1 << 20
 
 
 class ZygoteReady(BaseModel):
-    pid: int
     preimported_modules: int
     fork_refusal: str | None  # why an engine process cannot fork its EngineCore, if it cannot
 
@@ -52,7 +51,7 @@ class Forked(BaseModel):
 def main() -> None:
     control = socket.socket(fileno=int(os.environ.pop(CONTROL_FD_ENV)))
     prepared = prepare()
-    control.send(ZygoteReady(pid=os.getpid(), preimported_modules=prepared.preimported,
+    control.send(ZygoteReady(preimported_modules=prepared.preimported,
                              fork_refusal=prepared.fork_refusal).model_dump_json().encode())
     children: dict[int, tuple[int, Path]] = {}  # pidfd -> (pid, where its exit code goes)
     while True:

@@ -25,12 +25,11 @@ import os
 import sys
 import threading
 
-from app.engine.engine_process import EngineProcess
 from app.engine.launch_report import Origin
 from app.engine.order import EngineOrder
 from app.engine.spec import EngineSpec
 from app.engine.zygote_client import Listener, Zygote, ZygoteUnavailable, project_root
-from app.runtime.processes import ChildProcess
+from app.runtime.processes import ChildProcess, GroupLeader
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +55,13 @@ class Zygotes:
             zygote.listen(listener)
         return zygote
 
-    def release(self, spec: EngineSpec, listener: Listener | None = None) -> None:
-        """An App is done; the last holder of a zygote stops it."""
-        key = _key(spec)
+    def release(self, zygote: Zygote, listener: Listener | None = None) -> None:
+        """An App is done with ``zygote`` (what ``hold`` returned); the last holder stops it."""
         with self._lock:
-            if key not in self._zygotes:
+            key = next((key for key, (held, _) in self._zygotes.items() if held is zygote), None)
+            if key is None:
                 return
-            zygote, holders = self._zygotes[key]
+            holders = self._zygotes[key][1]
             if holders > 1:
                 self._zygotes[key] = (zygote, holders - 1)
             else:
@@ -72,15 +71,11 @@ class Zygotes:
         if holders == 1:
             zygote.close()
 
-    def zygote(self, spec: EngineSpec) -> Zygote | None:
-        with self._lock:
-            held = self._zygotes.get(_key(spec))
-        return held[0] if held else None
-
-    def engine_process(self, spec: EngineSpec) -> EngineProcess:
+    def engine_process(self, spec: EngineSpec) -> GroupLeader:
         """A process running ``spec``'s engine: forked from its zygote, or spawned (see the module docstring)."""
         log_file = spec.log_dir / f"engine-{spec.replica_id}.log"
-        zygote = self.zygote(spec)
+        with self._lock:
+            zygote, _ = self._zygotes.get(_key(spec)) or (None, 0)
         if zygote is None:
             reason = "no zygote holds engines like this one in this process"
         else:

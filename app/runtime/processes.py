@@ -123,8 +123,44 @@ def child_environment(changes: Mapping[str, str | None]) -> dict[str, str]:
     return {name: value for name, value in env.items() if value is not None}
 
 
-class ChildProcess:
-    """A supervised child with its output in a log file."""
+class GroupLeader:
+    """A process that leads a process group of its own (its children are in it), with its output in a
+    log file. Subclasses say how it is waited for."""
+
+    name: str
+    log_file: Path
+
+    @property
+    def pid(self) -> int:
+        raise NotImplementedError
+
+    def wait(self, timeout_s: float | None) -> int | None:
+        """The exit code, waiting up to ``timeout_s`` (None: as long as it takes); None if it still runs."""
+        raise NotImplementedError
+
+    def poll(self) -> int | None:
+        return self.wait(0)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return tail(self.log_file, lines)
+
+    def stop(self, grace_s: float = 30.0) -> int | None:
+        """SIGTERM the process (it stops its own children), wait up to ``grace_s``, then SIGKILL whatever
+        is left of its process group. Idempotent."""
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            if self.wait(grace_s) is None:
+                logger.warning("%s did not stop within %.0f s; killing it", self.name, grace_s)
+        # Whatever is left in the group (a grandchild that ignored SIGTERM) goes too.
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.wait(None)
+
+
+class ChildProcess(GroupLeader):
+    """A supervised child of this process."""
 
     def __init__(self, name: str, argv: Sequence[str], log_file: Path,
                  env: Mapping[str, str | None] | None = None, cwd: Path | None = None,
@@ -152,31 +188,8 @@ class ChildProcess:
     def poll(self) -> int | None:
         return self._popen.poll()
 
-    def wait(self, timeout_s: float) -> int | None:
-        """The exit code, waiting up to ``timeout_s`` for it; None if the child still runs."""
+    def wait(self, timeout_s: float | None) -> int | None:
         try:
             return self._popen.wait(timeout_s)
         except subprocess.TimeoutExpired:
             return None
-
-    def log_tail(self, lines: int = 30) -> str:
-        return tail(self.log_file, lines)
-
-    def stop(self, grace_s: float = 30.0) -> int:
-        """SIGTERM the child (it stops its own children), wait up to ``grace_s``, then SIGKILL whatever
-        is left of its process group. Idempotent."""
-        if self._popen.poll() is None:
-            self._popen.send_signal(signal.SIGTERM)
-            try:
-                self._popen.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop within %.0f s; killing it", self.name, grace_s)
-        # Whatever is left in the group (a grandchild that ignored SIGTERM) goes too.
-        self._signal_group(signal.SIGKILL)
-        return self._popen.wait()
-
-    def _signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self._popen.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
