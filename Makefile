@@ -9,6 +9,8 @@
 #                  bench/out/kv.*
 #   make pd      - disaggregated prefill/decode against merged serving; writes bench/out/pd.*
 #   make nodes   - weights across simulated nodes: fetch, map, fan-out; writes bench/out/nodes.*
+#   make zero    - scale to zero and back: first token from zero, a burst at zero, memory at zero;
+#                  writes bench/out/zero.*
 # Both create .venv and install the pinned stack on first use (and again when a requirements file or
 # pyproject.toml changes).
 
@@ -16,7 +18,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench traffic chaos kv pd nodes clean
+.PHONY: serve test bench traffic chaos kv pd nodes zero clean
 
 serve: $(STAMP)
 	$(VENV)/bin/python entrypoint.py $(ARGS)
@@ -44,6 +46,9 @@ pd: $(STAMP)
 
 nodes: $(STAMP)
 	$(VENV)/bin/python -m bench.nodes $(ARGS)
+
+zero: $(STAMP)
+	$(VENV)/bin/python -m bench.zero $(ARGS)
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

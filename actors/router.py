@@ -28,6 +28,12 @@ class Router:
     def update_replicas(self, replicas: list[ReplicaInfo]) -> None:
         self._server.update_replicas(replicas)
 
+    def attach(self, attached: bool) -> None:
+        self._server.attach(attached)
+
+    def record_footprint(self, footprint: dict[str, Any]) -> None:
+        self._server.record_footprint(footprint)
+
     def drain(self, replica_id: str, timeout_s: float) -> bool:
         return self._server.drain(replica_id, timeout_s)
 

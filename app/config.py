@@ -56,6 +56,13 @@ class RouterConfig(_Section):
                                    "call; the scaling itself goes on if the caller gives up.")
     drain_timeout_s: float = Field(300.0, gt=0, description="Scale-in waits this long for a replica's "
                                    "in-flight requests before stopping it anyway.")
+    queue_max: int = Field(256, ge=0, description="Requests held at once while their pool has no ready "
+                           "replica (scaled to zero, or every replica starting); past it, 503 with Retry-After. "
+                           "Each held request costs the Router a connection and its body. 0: never hold "
+                           "(a request at zero is refused, but still wakes the pool).")
+    queue_timeout_s: float = Field(30.0, gt=0, description="Longest a request is held waiting for a "
+                                   "ready replica; then 503 with Retry-After. A start from zero takes about "
+                                   "one forked replica start (BENCHMARKS.md, 'Scale to zero and back').")
 
 
 class EngineConfig(_Section):
@@ -166,7 +173,8 @@ class AutoscaleConfig(_Section):
     (``target_in_flight``, queueing) and the TTFT, decode on the streams in flight per replica."""
 
     enabled: bool = Field(False, description="Follow the traffic (also --autoscale).")
-    min_replicas: int = Field(1, ge=0, description="Never fewer replicas than this.")
+    min_replicas: int = Field(1, ge=0, description="Never fewer replicas than this. 0: the App scales to "
+                              "zero after idle_s without a request, and the next request wakes it.")
     max_replicas: int = Field(4, ge=1, le=MAX_REPLICAS, description="Never more replicas than this.")
     target_in_flight: float = Field(4.0, gt=0, description="Requests in flight per ready replica the "
                                     "App aims for; above it is pressure.")
@@ -175,6 +183,9 @@ class AutoscaleConfig(_Section):
     quiet_period_s: float = Field(30.0, ge=0, description="Scale down only after the load has fitted "
                                   "in fewer replicas for this long.")
     interval_s: float = Field(1.0, gt=0, description="Seconds between evaluations.")
+    idle_s: float = Field(300.0, gt=0, description="With min_replicas 0: scale every pool to zero once no "
+                          "request has arrived for this long. The first request after it waits for a "
+                          "replica to start (held by the Router, see router.queue_timeout_s).")
     target_decode_streams: float = Field(8.0, gt=0, description="Disaggregated mode: streams in flight "
                                          "per decode replica the App aims for (decoding batches well, so "
                                          "more than target_in_flight).")

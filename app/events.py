@@ -20,13 +20,14 @@ class EventKind(str, Enum):
     CACHE_ENTRY_RETIRED = "cache_entry_retired"  # a cached weight entry could not serve; next replica reseeds
     ZYGOTE_DIED = "zygote_died"  # engine processes are spawned until it is back
     ZYGOTE_RESTARTED = "zygote_restarted"  # importing again; forks resume once it is ready
+    WOKEN = "woken"  # a request arrived while pools were at zero: they were scaled back up
 
 
 class Event(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     kind: EventKind
-    subject: str = Field(description="A replica id, 'ds-worker', 'zygote' or a weight fingerprint.")
+    subject: str = Field(description="A replica id, 'ds-worker', 'zygote', 'pools' or a weight fingerprint.")
     reason: str
     at: float = Field(default_factory=time.time)
 

@@ -189,3 +189,14 @@ def test_a_dead_decode_replica_is_healed_in_its_pool(pd_app, model_name):
     wait_for(lambda: len(urls(pd_app, "decode")) == 1 and victim["replica_id"] not in roles(pd_app),
              "a replacement decode replica")
     assert complete(pd_app.url, model_name, "# healed\n" + LONG_PROMPT)["tokens"]
+
+
+def test_both_pools_go_to_zero_and_a_request_brings_both_back(app, pd_app, model_name):
+    report = pd_app.scale(prefill=0, decode=0)
+    assert report.ok and report.replicas_after == 0, str(report)
+    assert pd_app.status()["replicas"] == []
+    prompt = "# back from zero\n" + LONG_PROMPT
+    assert complete(pd_app.url, model_name, prompt)["tokens"] == complete(app.url, model_name, prompt)["tokens"]
+    assert sorted(roles(pd_app).values()) == ["decode", "prefill"]
+    (woken,) = events(pd_app, "woken")
+    assert "prefill, decode 0 -> 2 replicas" in woken["reason"], woken

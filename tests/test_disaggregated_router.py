@@ -130,8 +130,10 @@ def test_signals_are_per_pool(router):
     route_to(server, p1=(Role.PREFILL, "http://127.0.0.1:1"), d2=(Role.DECODE, "http://127.0.0.1:2"),
              d3=(Role.DECODE, "http://127.0.0.1:3"))
     signals = server.signals()
-    assert signals == {"prefill": {"ready": 1, "in_flight": 0, "ttft_p50_s": None},
-                       "decode": {"ready": 2, "in_flight": 0, "ttft_p50_s": None}}
+    for pool in signals.values():
+        assert 0 <= pool.pop("since_request_s") < 60  # no request yet: since the Router started
+    assert signals == {"prefill": {"ready": 1, "in_flight": 0, "held": 0, "ttft_p50_s": None},
+                       "decode": {"ready": 2, "in_flight": 0, "held": 0, "ttft_p50_s": None}}
     assert server.snapshot()["mode"] == "disaggregated"
     assert [(row["replica_id"], row["role"]) for row in server.snapshot()["replicas"]] == [
         ("d2", "decode"), ("d3", "decode"), ("p1", "prefill")]

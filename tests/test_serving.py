@@ -328,7 +328,7 @@ def test_no_ready_replica_is_a_503_with_retry_after(bare_router):
     assert int(headers["Retry-After"]) > 0
     assert_envelope(raw, code="no_replica_ready", type_="service_unavailable_error")
     status, _, raw = call(url, "GET", "/ready")
-    assert status == 503 and json.loads(raw) == {"ready": False, "ready_replicas": 0}
+    assert status == 503 and json.loads(raw) == {"ready": False, "ready_replicas": 0, "wakes_on_request": False}
     # The OpenAI client sees it as a 503 too (max_retries=0, or it would honour Retry-After).
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
     with pytest.raises(openai.InternalServerError) as info:

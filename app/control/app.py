@@ -2,8 +2,9 @@
 scales them, and tears everything down, whatever happens.
 
 It composes the control plane: ``Scaler`` (the replicas), ``Supervisor`` (healing what dies),
-``Autoscaler`` (following the traffic) and ``ScaleRequestServer`` (scaling over HTTP). This module is
-their lifecycle, nothing more.
+``Autoscaler`` (following the traffic), ``ScaleRequestServer`` (scaling over HTTP, and waking pools at
+zero when a request arrives) and ``FootprintReporter`` (what the App holds). This module is their
+lifecycle, nothing more.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from app.config import AppConfig, AutoscaleConfig, RuntimeMode, ServingMode
 from app.control.autoscaler import Autoscaler
 from app.control.event_log import EventLog
+from app.control.footprint import Footprint, FootprintReporter, app_footprint
 from app.control.kv_accounting import KVAccountant
 from app.control.scale_report import ScaleReport
 from app.control.scale_requests import ScaleRequestServer
@@ -56,6 +58,7 @@ class App:
         self._scale_requests: ScaleRequestServer | None = None
         self._autoscaler: Autoscaler | None = None
         self._supervisor: Supervisor | None = None
+        self._footprint_reporter: FootprintReporter | None = None
         self._kv: KVAccountant | None = None  # None: kv.enabled is off
         self._zygote: Zygote | None = None  # the zygote of this App's engines, while it holds it
         self._events: EventLog | None = None
@@ -103,7 +106,7 @@ class App:
         events = self._events = EventLog(self._router)
         self._scaler = Scaler(self._engine_spec, self._router, self._weights, self.config.router.drain_timeout_s,
                               events, self._runtime.nodes, self.config.mode.roles)
-        self._scale_requests = ScaleRequestServer(self._router, self._scaler)
+        self._scale_requests = ScaleRequestServer(self._router, self._scaler, self._wake_to)
         self._scale_requests.start()
         try:  # vLLM is imported before start() returns, so that no scale-out waits for it
             self._zygote.wait_ready()
@@ -122,6 +125,10 @@ class App:
             self._supervisor.start()
         if self.config.autoscale.enabled:
             self.autoscale(self.config.autoscale)
+        self._footprint_reporter = FootprintReporter(self.footprint, self._router)
+        self._footprint_reporter.start()
+        # From now on a request that finds no ready replica is held and wakes its pool, not refused.
+        yr.get(self._router.attach.invoke(True))
 
     def _start_weight_cache(self, identity: WeightIdentity) -> WeightCacheClient:
         import yr
@@ -155,7 +162,17 @@ class App:
     def shutdown(self) -> None:
         """Stop every replica, the Router, the runtime and the data system worker. Idempotent, and
         safe to call from a failed ``start``."""
+        if self._router is not None:
+            try:  # first: held requests are answered now, and no request wakes what is being stopped
+                import yr
+
+                yr.get(self._router.attach.invoke(False), timeout=30)
+            except Exception:  # noqa: BLE001 - shutdown goes on
+                logger.exception("could not detach the Router")
         self.autoscale(None)
+        if self._footprint_reporter is not None:
+            self._footprint_reporter.stop()
+            self._footprint_reporter = None
         if self._supervisor is not None:
             self._supervisor.stop()  # first: nothing may be healed while it is being stopped
             self._supervisor = None
@@ -196,6 +213,8 @@ class App:
             status["weight_cache"] = self._weights.stats()
         if self._zygote is not None:
             status["zygote"] = self._zygote.status()
+        if self._scaler is not None:
+            status["footprint"] = self.footprint().model_dump()
         return {"url": self.url if self.router_port else None, "model": self.served_model_name,
                 "model_dir": str(self.model_dir) if self.model_dir else None,
                 "runtime": self._runtime.mode.value, "runtime_ready_at": self._runtime.ready_at,
@@ -203,6 +222,11 @@ class App:
                 "nodes": [{**node.model_dump(), "pid": self._runtime.node_pids().get(node.name)}
                           for node in self._runtime.nodes],
                 "logs": str(self._log_dir), **status}
+
+    def footprint(self) -> Footprint:
+        """What the App holds now: its processes on this host (RSS, PSS) and its bytes in the data system."""
+        return app_footprint(self._runtime, self._zygote, self._scaler.infos() if self._scaler else [],
+                             self._weights, self._kv)
 
     # ---- scaling ---------------------------------------------------------------------------------
 
@@ -215,6 +239,12 @@ class App:
             raise RuntimeError("the App is not started")
         return self._scaler.scale(_targets(self.config.mode, replicas, prefill, decode))
 
+    @property
+    def last_wake(self) -> ScaleReport | None:
+        """What the last wake-up from zero did (a request arrived while pools were at zero), for a
+        first request that was slower than expected."""
+        return self._scaler.last_wake if self._scaler is not None else None
+
     def autoscale(self, config: AutoscaleConfig | None) -> None:
         """Follow the traffic with ``config`` (``enabled`` is implied), or stop following it (None).
         Manual ``scale()`` keeps working beside it."""
@@ -226,6 +256,11 @@ class App:
                 raise RuntimeError("the App is not started")
             self._autoscaler = Autoscaler(config, self._router, self._scaler)
             self._autoscaler.start()
+
+    def _wake_to(self) -> int:
+        """The replicas a pool at zero wakes up to when a request arrives: ``max(1, min_replicas)``."""
+        autoscaler = self._autoscaler
+        return max(1, autoscaler.config.min_replicas if autoscaler is not None else 1)
 
 
 def _targets(mode: ServingMode, replicas: int | None, prefill: int | None, decode: int | None) -> dict[Role, int]:

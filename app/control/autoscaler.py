@@ -24,7 +24,7 @@ class Autoscaler:
     """``start`` once, ``stop`` once; a stopped autoscaler is not restarted (make a new one)."""
 
     def __init__(self, config: AutoscaleConfig, router: Any, scaler: Scaler) -> None:
-        self._config = config
+        self.config = config
         self._router = router
         self._scaler = scaler
         self._stop = threading.Event()
@@ -43,8 +43,8 @@ class Autoscaler:
         previous decision's), because its replicas are not in the signals yet."""
         import yr
 
-        policies = {role: AutoscalePolicy(pool_config(self._config, role), role) for role in self._scaler.roles}
-        while not self._stop.wait(self._config.interval_s):
+        policies = {role: AutoscalePolicy(pool_config(self.config, role), role) for role in self._scaler.roles}
+        while not self._stop.wait(self.config.interval_s):
             try:
                 signals = yr.get(self._router.signals.invoke(), timeout=30)
             except Exception:  # noqa: BLE001 - the Router is going away, or busy: try again

@@ -45,6 +45,11 @@ class KVAccountant:
         except Exception:  # noqa: BLE001 - shutdown goes on
             logger.exception("the last KV accounting failed")
 
+    def resident_bytes(self) -> int:
+        """The bytes of KV blocks in the data system, as the ledger accounts them."""
+        with self._lock:
+            return self._ledger.stats.resident_bytes
+
     def forget_all(self) -> None:
         """The data system worker restarted without its objects."""
         with self._lock:

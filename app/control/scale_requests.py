@@ -1,13 +1,14 @@
-"""Scaling requests that arrive over HTTP (``POST /scaleout``, ``/scalein``): the Router cannot call
-the App (the App is the driver, not an actor), so a thread of the App long-polls the Router's
-mailbox, carries each request out through the Scaler and hands the answer back."""
+"""Scaling requests that arrive over HTTP (``POST /scaleout``, ``/scalein``), and the Router's wake-ups
+(a request found a pool at zero): the Router cannot call the App (the App is the driver, not an
+actor), so a thread of the App long-polls the Router's mailbox, carries each request out through the
+Scaler and hands the answer back."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from app.config import MAX_REPLICAS
 from app.control.scaling import Scaler
@@ -17,9 +18,10 @@ logger = logging.getLogger(__name__)
 
 
 class ScaleRequestServer:
-    def __init__(self, router: Any, scaler: Scaler) -> None:
+    def __init__(self, router: Any, scaler: Scaler, wake_to: Callable[[], int]) -> None:
         self._router = router
         self._scaler = scaler
+        self._wake_to = wake_to  # how many replicas a pool at zero wakes up to
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="app-scale-requests", daemon=True)
 
@@ -44,13 +46,21 @@ class ScaleRequestServer:
                 continue
             if request is None:
                 continue
-            status, body = self.answer(request.verb, request.body)
+            try:
+                status, body = self.answer(request.verb, request.body)
+            except Exception as exc:  # noqa: BLE001 - answered, and the thread serves the next request
+                logger.exception("%s failed", request.verb)
+                status, body = 500, {"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error",
+                                               "param": None, "code": None}}
             yr.get(self._router.finish_scale_request.invoke(request.request_id, status, body))
 
     def answer(self, verb: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """HTTP status and body for one request; a bad request changes nothing. ``role`` names the pool
         (``prefill`` or ``decode``; a merged App has one pool and needs none), ``replicas`` its new size
-        (one more, or one fewer, if absent)."""
+        (one more, or one fewer, if absent). ``wake`` brings the pools at zero back."""
+        if verb == "wake":
+            report = self._scaler.wake(self._wake_to())
+            return (200, {}) if report is None else ((200 if report.ok else 500), report.to_dict())
         roles = self._scaler.roles
         role_name = body.get("role", roles[0].value if len(roles) == 1 else None)
         role = next((r for r in roles if r.value == role_name), None)

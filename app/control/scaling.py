@@ -6,8 +6,14 @@ Scale-out: per new replica, a node (the one with the fewest replicas), a ``Prefi
 actor there, a weight plan from the WeightCache for that node, the engine started with it, a first
 token, then the Router routes to it. New replicas start in parallel, whatever
 their role. Scale-in: the replica leaves the Router's pool, its in-flight requests finish (drain), then
-it stops. Every scaling answers with a ``ScaleReport``. The Scaler remembers the sizes last asked for
-(``desired``): the ``Supervisor`` takes failed replicas out (``fail``) and scales back to them.
+it stops. Zero is a size like any other: the weights stay in the data system and the zygote stays
+warm, and ``wake`` brings the pools at zero back when the Router holds a request for them. Every
+scaling answers with a ``ScaleReport``. The Scaler remembers the sizes last asked for (``desired``): the
+``Supervisor`` takes failed replicas out (``fail``) and scales back to them, never above zero for a
+pool scaled to zero on purpose.
+
+The module is long because scale-out, scale-in, failure and wake-up all change one replica table, under
+one lock and one turn, and belong together.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ class Scaler:
         self._events = events
         self.roles = roles  # the pools of this App's mode
         self.desired: dict[Role, int] = dict.fromkeys(roles, 0)  # the sizes last asked for
+        self.last_wake: ScaleReport | None = None  # what the last wake-up from zero did
         self._replicas: dict[str, _Replica] = {}
         self._stopping: list[threading.Thread] = []  # failed replicas being stopped
         self._seq = itertools.count(1)
@@ -103,6 +110,22 @@ class Scaler:
         finally:
             self._turn.release()
 
+    def wake(self, replicas: int) -> ScaleReport | None:
+        """A request waits at zero: bring every pool that was scaled to zero back to ``replicas``, after the
+        scaling under way if there is one (it may be the scale to zero itself). None if no pool is at zero
+        any more (an autoscaler or a manual scaling came first; a pool still being healed is the
+        Supervisor's)."""
+        with self._turn:
+            targets = {role: replicas for role, wanted in self.desired.items() if wanted == 0}
+            if not targets:
+                return None
+            report = self.last_wake = self._scale(targets)
+        pools = ", ".join(role.value for role in targets)
+        self._events.record(EventKind.WOKEN, "pools", f"a request arrived at zero: {pools} "
+                            f"{report.replicas_before} -> {report.replicas_after} replicas in {report.seconds:.2f} s"
+                            + ("" if report.ok else " (with errors; the Supervisor retries)"))
+        return report
+
     def _check(self, targets: Mapping[Role, int]) -> None:
         for role, replicas in targets.items():
             if role not in self.roles:
@@ -110,6 +133,11 @@ class Scaler:
             if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= MAX_REPLICAS:
                 raise ValueError(f"{role.value} replicas must be an integer between 0 and {MAX_REPLICAS}, "
                                  f"got {replicas!r}")
+
+    def infos(self) -> list[ReplicaInfo]:
+        """Every replica as the Router sees it, whatever its state."""
+        with self._lock:
+            return [r.info for r in self._replicas.values()]
 
     def serving(self) -> dict[str, Any]:
         """The replicas the Router routes to: replica id -> its actor (for the Supervisor)."""
@@ -272,9 +300,7 @@ class Scaler:
         """Hand the replica table to the Router."""
         import yr
 
-        with self._lock:
-            infos = [r.info for r in self._replicas.values()]
-        yr.get(self._router.update_replicas.invoke(infos))
+        yr.get(self._router.update_replicas.invoke(self.infos()))
 
 
 def _ask(method: Any, default: Any) -> Any:

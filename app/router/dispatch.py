@@ -6,6 +6,9 @@ cancels whichever leg is running (its connection closes, and vLLM aborts the req
 
 A replica that fails before answering is retried once per leg, on another replica of the pool if there
 is one: a decode replica loads the KV from the data system, so any of them can take the leg.
+
+A leg whose pool has no ready replica waits for one in the ``WaitingRoom`` (a pool scaled to zero, or
+one whose replicas are all starting), or gets the 503 the waiting room gives.
 """
 
 from __future__ import annotations
@@ -20,18 +23,21 @@ from app.config import ServingMode
 from app.replica import ReplicaInfo, Role
 from app.router.handoff import decode_leg, handed_over, prefill_leg
 from app.router.metrics import RouterMetrics
-from app.router.openai_protocol import ProxiedRequest, no_replica_ready
+from app.router.openai_protocol import ProxiedRequest
 from app.router.proxy import REQUEST_ID, NothingSent, Upstream
 from app.router.replica_pool import ReplicaPool
+from app.router.waiting_room import WaitingRoom
 
 logger = logging.getLogger(__name__)
 _Answer = TypeVar("_Answer")
 
 
 class Dispatcher:
-    def __init__(self, mode: ServingMode, pool: ReplicaPool, upstream: Upstream, metrics: RouterMetrics) -> None:
+    def __init__(self, mode: ServingMode, pool: ReplicaPool, waiting: WaitingRoom, upstream: Upstream,
+                 metrics: RouterMetrics) -> None:
         self._mode = mode
         self._pool = pool
+        self._waiting = waiting
         self._upstream = upstream
         self._metrics = metrics
 
@@ -54,12 +60,15 @@ class Dispatcher:
 
     async def _on_replica(self, role: Role, request_id: str,
                           send: Callable[[ReplicaInfo], Awaitable[_Answer]]) -> _Answer:
-        """``send`` to the ready replica of ``role`` with the fewest requests in flight; retried once on
-        ``NothingSent`` (on the same replica if it is the only one: a connection the replica was closing
-        is the common case there)."""
+        """``send`` to the ready replica of ``role`` with the fewest requests in flight, once there is one;
+        retried once on ``NothingSent`` (on the same replica if it is the only one: a connection the
+        replica was closing is the common case there)."""
         replica = self._pool.pick(role)
-        if replica is None:
-            raise no_replica_ready(None if role is Role.MERGED else role.value)
+        deadline = None
+        while replica is None:
+            deadline = deadline or self._waiting.deadline()
+            await self._waiting.wait(role, deadline)
+            replica = self._pool.pick(role)
         try:
             return await self._tracked(replica, send)
         except NothingSent as failed:

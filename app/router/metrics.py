@@ -46,6 +46,15 @@ class RouterMetrics:
                                     "prefill engine returned none: the decode leg computes the prompt), "
                                     "failed (answered to the client as the error; no decode leg).",
                                     ["outcome"], registry=self.registry)
+        self.held = Gauge(f"{PREFIX}_held_requests", "Requests waiting for a ready replica of their pool "
+                          "(scaled to zero, or every replica starting), by role.", ["role"], registry=self.registry)
+        self.holds = Counter(f"{PREFIX}_holds", "Requests that had to wait for a ready replica, by role and "
+                             "outcome: released (to a replica that became ready), timeout, full (refused: "
+                             "router.queue_max), gone (the client left), closed (the App shut down).",
+                             ["role", "outcome"], registry=self.registry)
+        self.wakes = Counter(f"{PREFIX}_wakes", "Wake-ups asked of the App: a request found no ready replica "
+                             "and none was asked for yet, by the role of the empty pool.", ["role"],
+                             registry=self.registry)
 
         self.autoscale_target = Gauge(f"{PREFIX}_autoscale_target_replicas",
                                       "Replica count the autoscaler last decided on, per role.", ["role"],

@@ -14,7 +14,7 @@ class ScaleRequest(BaseModel):
     """A scaling request that arrived over HTTP, waiting for the App (the controller) to carry it out."""
 
     request_id: str
-    verb: Literal["scaleout", "scalein"]
+    verb: Literal["scaleout", "scalein", "wake"]
     body: dict[str, Any]
 
 
@@ -28,6 +28,17 @@ class ScaleMailbox:
     def __init__(self) -> None:
         self._queue: queue.Queue[ScaleRequest] = queue.Queue()
         self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._wake: str | None = None  # the id of the wake-up the App has not finished yet
+
+    def wake(self) -> bool:
+        """Ask the App to bring the pools at zero back, unless it is already asked; nobody waits for the
+        answer (held requests wait for a ready replica instead). True if a wake-up was posted."""
+        if self._wake is not None:
+            return False
+        request = ScaleRequest(request_id=uuid.uuid4().hex, verb="wake", body={})
+        self._wake = request.request_id
+        self._queue.put(request)
+        return True
 
     async def submit(self, verb: str, body: dict[str, Any], timeout_s: float) -> tuple[int, dict[str, Any]]:
         request = ScaleRequest(request_id=uuid.uuid4().hex, verb=verb, body=body)
@@ -48,6 +59,8 @@ class ScaleMailbox:
 
     def finish(self, request_id: str, status: int, body: dict[str, Any]) -> None:
         """Thread-safe. An answer for a request whose client has gone is dropped."""
+        if request_id == self._wake:
+            self._wake = None
         waiting = self._waiting.get(request_id)
         if waiting is not None:
             loop, future = waiting

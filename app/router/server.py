@@ -1,7 +1,8 @@
 """The Router's HTTP server: OpenAI routes proxied to engine replicas, health, metrics, status and the
 scaling endpoints. Its parts live beside it: ``dispatch`` (which replicas serve a request: one, or a
-prefill and a decode leg), ``replica_pool`` (who is routed to), ``proxy`` (the upstream side),
-``scale_mailbox`` (scaling requests for the App), ``openai_protocol``, ``metrics``.
+prefill and a decode leg), ``replica_pool`` (who is routed to), ``waiting_room`` (requests held while
+their pool has no ready replica), ``proxy`` (the upstream side), ``scale_mailbox`` (scaling requests
+and wake-ups for the App), ``openai_protocol``, ``metrics``.
 
 It imports no vLLM and no torch, so it starts in well under a second. It runs its own asyncio loop;
 the methods marked *thread-safe* may be called from any thread (the Router actor's call threads).
@@ -40,6 +41,7 @@ from app.router.openai_protocol import (
 from app.router.proxy import REQUEST_ID, ClientGone, Upstream
 from app.router.replica_pool import ReplicaPool
 from app.router.scale_mailbox import ScaleMailbox
+from app.router.waiting_room import WaitingRoom
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,9 @@ class RouterServer:
         self._metrics = RouterMetrics()
         self._pool = ReplicaPool(self._metrics, self._roles, policy)
         self.scale_requests = ScaleMailbox()
+        self._waiting = WaitingRoom(config.queue_max, config.queue_timeout_s, self._metrics, self.scale_requests.wake)
+        self._last_request_at = time.monotonic()  # of the last proxied request (or the start): idleness
+        self._footprint: dict[str, Any] | None = None  # what the App holds, as it last measured it
         # (wall time, seconds to first byte) of recent client requests: the autoscaler's TTFT signal (of
         # the pool that computes prompts).
         self._first_bytes: deque[tuple[float, float]] = deque(maxlen=512)
@@ -67,7 +72,7 @@ class RouterServer:
         self._events: deque[dict[str, Any]] = deque(maxlen=50)
         self._upstream = Upstream(config.request_timeout_s, self._metrics,
                                   lambda ttft: self._first_bytes.append((time.time(), ttft)))
-        self._dispatcher = Dispatcher(mode, self._pool, self._upstream, self._metrics)
+        self._dispatcher = Dispatcher(mode, self._pool, self._waiting, self._upstream, self._metrics)
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -126,6 +131,7 @@ class RouterServer:
         return self.port
 
     async def _cleanup(self) -> None:
+        self._waiting.close()  # held requests get their 503 before the server goes
         if self._runner is not None:
             await self._runner.cleanup()
         await self._upstream.close()
@@ -133,8 +139,14 @@ class RouterServer:
     # ---- control plane (thread-safe) ---------------------------------------------------------------
 
     def update_replicas(self, replicas: list[ReplicaInfo]) -> None:
-        """Replace the replica table. Thread-safe."""
-        self._call_in_loop(self._pool.replace, replicas)
+        """Replace the replica table; requests held for a pool that now has a ready replica go to it.
+        Thread-safe."""
+        self._call_in_loop(self._replace_replicas, replicas)
+
+    def attach(self, attached: bool) -> None:
+        """An App that starts replicas on demand is attached (True) or going away (False): while it is,
+        requests that find no ready replica are held and wake their pool. Thread-safe."""
+        self._call_in_loop(self._waiting.open if attached else self._waiting.close)
 
     def drain(self, replica_id: str, timeout_s: float) -> bool:
         """Stop routing to a replica and wait until its in-flight requests are done. Thread-safe.
@@ -147,7 +159,9 @@ class RouterServer:
         horizon = time.time() - window_s
         recent = sorted(ttft for at, ttft in list(self._first_bytes) if at >= horizon)
         ttft = recent[len(recent) // 2] if recent else None
+        since_request_s = round(time.monotonic() - self._last_request_at, 3)
         return {role.value: {"ready": len(self._pool.ready_ids(role)), "in_flight": self._pool.in_flight(role),
+                             "held": self._waiting.held(role), "since_request_s": since_request_s,
                              "ttft_p50_s": None if role is Role.DECODE else ttft} for role in self._roles}
 
     def record_decision(self, decision: dict[str, Any]) -> None:
@@ -165,6 +179,10 @@ class RouterServer:
         """Show the App's KV totals in /status and /metrics. Thread-safe (one reference swapped)."""
         self._metrics.kv.stats = stats
 
+    def record_footprint(self, footprint: dict[str, Any]) -> None:
+        """Show what the App holds (processes, data system bytes) in /status. Thread-safe."""
+        self._footprint = footprint
+
     def snapshot(self) -> dict[str, Any]:
         """The ``/status`` document. Thread-safe (reads are of immutable snapshots)."""
         return {
@@ -174,8 +192,17 @@ class RouterServer:
             "events": list(self._events),
             "kv": self._metrics.kv.stats.model_dump(),
             "ready_replicas": len(self._pool.ready_ids()),
+            "wakes_on_request": self._waiting.opened,
+            "held_requests": self._waiting.held(),
+            "footprint": self._footprint,
             "replicas": self._pool.rows(),
         }
+
+    def _replace_replicas(self, replicas: list[ReplicaInfo]) -> None:
+        self._pool.replace(replicas)
+        for role in self._roles:
+            if self._pool.ready_ids(role):
+                self._waiting.release(role)
 
     def _call_in_loop(self, fn: Callable[..., None], *args: Any) -> None:
         if self._loop is None:
@@ -216,8 +243,12 @@ class RouterServer:
         return web.json_response({"status": "ok"})
 
     async def _ready(self, request: web.Request) -> web.Response:
+        """200 while a request sent now will be served: a replica is ready, or the App holds the request
+        and wakes a pool at zero (``wakes_on_request``)."""
         ready = len(self._pool.ready_ids())
-        return web.json_response({"ready": ready > 0, "ready_replicas": ready}, status=200 if ready else 503)
+        serves = ready > 0 or (self._waiting.opened and self._config.queue_max > 0)
+        return web.json_response({"ready": serves, "ready_replicas": ready, "wakes_on_request": self._waiting.opened},
+                                 status=200 if serves else 503)
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
         return web.Response(body=self._metrics.render(), content_type="text/plain", charset="utf-8")
@@ -232,6 +263,7 @@ class RouterServer:
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
         route = Route(request.path)
         proxied = parse_request(route, await request.read(), set(self._models))
+        self._last_request_at = time.monotonic()
         return await self._dispatcher.serve(request, proxied, request[_REQUEST_ID_KEY])
 
     async def _scale(self, request: web.Request) -> web.Response:

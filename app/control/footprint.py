@@ -1,0 +1,121 @@
+"""What the App holds: its processes' memory as the kernel counts it (RSS, and PSS, which splits shared
+pages among the processes that map them) and its bytes in the data system.
+
+It is the figure that matters at zero replicas, when the App keeps only what makes the next start
+fast: the weights in the data system, the zygote, the data system workers and the driver. Measured on
+demand (``App.status()``) and every ``REPORT_INTERVAL_S`` for the Router's ``/status``.
+
+Only this host's processes are measured: in cluster mode the engines and the data system workers run
+elsewhere, and the footprint has the driver alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from pydantic import BaseModel
+
+from app.config import RuntimeMode
+from app.replica import ReplicaInfo
+from app.runtime.memory import ProcessMemory, descendants
+
+if TYPE_CHECKING:
+    from app.control.kv_accounting import KVAccountant
+    from app.control.weight_client import WeightCacheClient
+    from app.engine.zygote_client import Zygote
+    from app.runtime.openyuanrong import Runtime
+
+logger = logging.getLogger(__name__)
+
+#: How often the Router's copy is refreshed: reading smaps_rollup walks page tables (milliseconds per
+#: process), so not on every /status call.
+REPORT_INTERVAL_S = 5.0
+
+
+class ProcessGroupFootprint(BaseModel):
+    """One part of the App: a process, or a replica's engine processes (server, core, workers)."""
+
+    name: str
+    pids: list[int]
+    rss_bytes: int
+    pss_bytes: int
+
+
+class Footprint(BaseModel):
+    measured_at: float
+    replicas: int
+    parts: list[ProcessGroupFootprint]
+    rss_bytes: int
+    pss_bytes: int
+    weights_bytes: int  # cached weights in the data system, every node's copy (in the workers' PSS)
+    kv_bytes: int  # KV blocks in the data system, as the App accounts them
+    pss_beside_weights_bytes: int  # pss_bytes less weights_bytes: what the App costs beside its cached weights
+
+
+def measure(parts: Iterable[tuple[str, list[int]]], replicas: int, weights_bytes: int, kv_bytes: int) -> Footprint:
+    """``parts``: (name, pids) of each part; a pid that is gone counts nothing."""
+    groups = []
+    for name, pids in parts:
+        memories = [m for m in map(ProcessMemory.of, pids) if m is not None]
+        if memories:
+            groups.append(ProcessGroupFootprint(name=name, pids=[m.pid for m in memories],
+                                                rss_bytes=sum(m.rss for m in memories),
+                                                pss_bytes=sum(m.pss for m in memories)))
+    pss = sum(g.pss_bytes for g in groups)
+    return Footprint(measured_at=time.time(), replicas=replicas, parts=groups,
+                     rss_bytes=sum(g.rss_bytes for g in groups), pss_bytes=pss, weights_bytes=weights_bytes,
+                     kv_bytes=kv_bytes, pss_beside_weights_bytes=max(0, pss - weights_bytes))
+
+
+def app_footprint(runtime: "Runtime", zygote: "Zygote | None", replicas: list[ReplicaInfo],
+                  weights: "WeightCacheClient | None", kv: "KVAccountant | None") -> Footprint:
+    """The parts of an App: the driver (in local mode the Router, the WeightCache and the engine actors
+    are threads of it), and in local mode its data system workers, its zygote and each replica's engine
+    processes (server, core, tensor-parallel workers)."""
+    parts = [("driver", [os.getpid()])]
+    if runtime.mode is RuntimeMode.LOCAL:
+        parts += [(f"ds_worker {node}", [pid]) for node, pid in runtime.node_pids().items() if pid]
+        if zygote is not None:
+            parts.append(("zygote", [zygote.pid]))
+        parts += [(info.replica_id, [info.pid, *descendants(info.pid)]) for info in replicas if info.pid]
+    return measure(parts, len(replicas), cached_weight_bytes(weights.stats()) if weights is not None else 0,
+                   kv.resident_bytes() if kv is not None else 0)
+
+
+def cached_weight_bytes(weight_cache_stats: dict[str, Any]) -> int:
+    """The bytes of every ready copy of every entry, from ``WeightCache.stats()``."""
+    return sum(entry["bytes"] * sum(state == "ready" for state in entry["nodes"].values())
+               for entry in weight_cache_stats.get("entries", []))
+
+
+class FootprintReporter:
+    """Hands a fresh ``Footprint`` to the Router every ``REPORT_INTERVAL_S``. ``start`` once, ``stop``
+    once."""
+
+    def __init__(self, footprint: Callable[[], Footprint], router: Any) -> None:
+        self._footprint = footprint
+        self._router = router
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="app-footprint", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        import yr
+
+        while True:
+            try:
+                yr.get(self._router.record_footprint.invoke(self._footprint().model_dump()), timeout=30)
+            except Exception:  # noqa: BLE001 - informative; the next round tries again
+                logger.exception("could not measure or report the App's footprint")
+            if self._stop.wait(REPORT_INTERVAL_S):
+                return
