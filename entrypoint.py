@@ -83,6 +83,9 @@ def _banner(app: "App") -> str:  # noqa: F821 - imported lazily above
     scale_body = "" if app.config.mode.value == "merged" else " -d '{\"role\": \"decode\"}'"
     demo = "" if app.config.model else ("\n  NOTE: the demo model has RANDOM weights: the API is real, "
                                         "the text is gibberish. Pass --model DIR for a real model.")
+    if not any(app.config.pools.values()):
+        demo += (f"\n  Started at zero replicas: the first request starts one and waits for it (up to "
+                 f"router.queue_timeout_s, {app.config.router.queue_timeout_s:g} s).")
     return f"""
 Serving '{model}' at {url} (OpenAI-compatible).{demo}
 

@@ -78,8 +78,7 @@ def burst(url: str, model: str, size: int) -> list[dict]:
 
 def footprint(app) -> dict:
     measured = app.footprint().model_dump()
-    return {"replicas": measured["replicas"], "pss_bytes": measured["pss_bytes"], "rss_bytes": measured["rss_bytes"],
-            "weights_bytes": measured["weights_bytes"], "pss_beside_weights_bytes": measured["pss_beside_weights_bytes"],
+    return {**{key: value for key, value in measured.items() if key != "parts"},
             "parts": {part["name"]: part["pss_bytes"] for part in measured["parts"]}}
 
 
@@ -164,8 +163,10 @@ def summarise(results: dict) -> str:
         lines.append(f"| {shape} | " + " | ".join(
             f"{marks[m]:.2f}" if m in marks else "-" for m in ("process_made", "core_forked", "weights_loaded",
                                                                  "engine_ready", "first_token")) + " |")
-    lines += ["", "Memory the App holds (PSS, this host's processes: driver with the Router and WeightCache actors, "
-              "data system worker, zygote, replicas):", "",
+    lines += ["", "Memory the App holds: its processes' PSS without shared memory (the driver, with the Router "
+              "and WeightCache actors; the data system worker; the zygote; the replicas), plus the data system's "
+              "shared memory in use, whoever maps it (at zero nobody does: the weights stay in memory no process "
+              "maps). Each page is counted once.", "",
               "| shape | one idle replica | at zero | at zero beside the cached weights | target | met | weights in "
               "the data system |", "|---|---|---|---|---|---|---|"]
     for shape, data in results["shapes"].items():
@@ -175,9 +176,15 @@ def summarise(results: dict) -> str:
         lines.append(f"| {shape} | {_gb(idle['pss_bytes'])} | {_gb(zero['pss_bytes'])} | "
                      f"{_gb(zero['pss_beside_weights_bytes'])} | ≤ {_gb(FOOTPRINT_TARGET_BYTES)} | "
                      f"{'yes' if met else '**no**'} | {_gb(zero['weights_bytes'])} |")
-        parts = ", ".join(f"{name} {_gb(pss)}" for name, pss in zero["parts"].items())
+        parts = ", ".join([f"{name} {_gb(pss)}" for name, pss in zero["parts"].items()]
+                          + [f"shared memory {_gb(zero['shared_memory_bytes'])}"])
         lines.append(f"| | | | ({parts}) | | | |")
-    lines += ["", f"Targets met: {'all' if all(met_all) else 'not all (see the rows marked no)'}. Raw figures: "
+    lines += ["", "Where the memory at zero goes: the zygote holds vLLM and torch imported and frozen (what makes "
+              "the start from zero one fork); the driver holds Python, the Router and the yr SDK, which imports "
+              "torch in every process that uses actors (`yr/ds_tensor_client_manager.py:28`, probing for "
+              "torch_npu; about 0.2 GB RSS of its own); the data system worker its own heap (about 500 threads "
+              "at its default settings). docs/FINDINGS.md, \"Scale to zero\", has the breakdown.",
+              "", f"Targets met: {'all' if all(met_all) else 'not all (see the rows marked no)'}. Raw figures: "
               "`bench/out/zero.json`."]
     return "\n".join(lines)
 

@@ -52,6 +52,33 @@ def test_bounds_are_respected():
     assert policy.evaluate(Signals(ready=2, in_flight=50), now=0).target == 4  # capped at max
 
 
+ZERO = CONFIG.model_copy(update={"min_replicas": 0, "idle_s": 60})
+
+
+def test_with_min_replicas_zero_the_quiet_path_stops_at_one_and_idleness_goes_to_zero():
+    policy = AutoscalePolicy(ZERO)
+    # Calm but not idle: one replica at a time, down to one, never zero.
+    targets = run(policy, [(3, 0)] * 40)
+    assert targets[-1] == 1 and min(targets) == 1
+    calm = Signals(ready=1, in_flight=0, since_request_s=59)
+    assert policy.evaluate(calm, now=100) is None
+    # No request for idle_s: straight to zero, from any size.
+    decision = policy.evaluate(Signals(ready=3, in_flight=0, since_request_s=61), now=101)
+    assert decision.target == 0 and decision.reason == "scale to zero: no request for 61 s (idle_s 60)"
+    assert policy.evaluate(Signals(ready=0, in_flight=0, since_request_s=500), now=102) is None  # stays
+    # A request in flight is not idleness, whatever the clock says (a stream longer than idle_s).
+    assert policy.evaluate(Signals(ready=1, in_flight=1, since_request_s=61), now=103) is None
+
+
+def test_idleness_means_nothing_while_min_replicas_is_above_zero():
+    assert AutoscalePolicy(CONFIG).evaluate(Signals(ready=1, in_flight=0, since_request_s=10**6), now=0) is None
+
+
+def test_requests_held_at_zero_are_load():
+    decision = AutoscalePolicy(ZERO).evaluate(Signals(ready=0, in_flight=0, held=9, since_request_s=0), now=0)
+    assert decision.target == 3 and decision.reason == "scale up: 0 in flight + 9 held > 4 per replica x 0"
+
+
 def test_no_flapping_on_a_noisy_steady_load():
     policy = AutoscalePolicy(CONFIG)
     noisy = [5, 7, 6, 8, 4, 7, 6, 5, 8, 6] * 6  # 4..8 in flight: two replicas' worth, never more

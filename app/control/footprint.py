@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from app.config import RuntimeMode
 from app.replica import ReplicaInfo
-from app.runtime.memory import ProcessMemory, descendants
+from app.runtime.memory import ProcessMemory, descendants, memfd_bytes
 
 if TYPE_CHECKING:
     from app.control.kv_accounting import KVAccountant
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: What the data system worker names the memfd of its shared memory.
+DATA_SYSTEM_MEMFD = "datasystem"
 #: How often the Router's copy is refreshed: reading smaps_rollup walks page tables (milliseconds per
 #: process), so not on every /status call.
 REPORT_INTERVAL_S = 5.0
@@ -42,33 +44,42 @@ class ProcessGroupFootprint(BaseModel):
     name: str
     pids: list[int]
     rss_bytes: int
-    pss_bytes: int
+    pss_bytes: int  # without shared memory: the data system's pages are counted once, below
+    shmem_pss_bytes: int  # its share of the shared memory it maps (a replica's mapped weights)
 
 
 class Footprint(BaseModel):
+    """What the App holds. ``pss_bytes`` counts each page once: the processes' own (private, and their
+    share of the files they map) plus the data system's shared memory, whoever maps it, or nobody (at
+    zero replicas the weights stay in memory that no process maps)."""
+
     measured_at: float
     replicas: int
     parts: list[ProcessGroupFootprint]
-    rss_bytes: int
-    pss_bytes: int
-    weights_bytes: int  # cached weights in the data system, every node's copy (in the workers' PSS)
-    kv_bytes: int  # KV blocks in the data system, as the App accounts them
-    pss_beside_weights_bytes: int  # pss_bytes less weights_bytes: what the App costs beside its cached weights
+    processes_pss_bytes: int
+    shared_memory_bytes: int  # the data system workers' shared memory in use (this host's workers)
+    pss_bytes: int  # processes_pss_bytes + shared_memory_bytes
+    weights_bytes: int  # of which cached weights, every node's copy (the WeightCache's accounting)
+    kv_bytes: int  # and KV blocks (the App's KV accounting)
+    pss_beside_weights_bytes: int  # pss_bytes less weights_bytes: what the App holds beside its cached weights
 
 
-def measure(parts: Iterable[tuple[str, list[int]]], replicas: int, weights_bytes: int, kv_bytes: int) -> Footprint:
+def measure(parts: Iterable[tuple[str, list[int]]], shared_memory_bytes: int, replicas: int, weights_bytes: int,
+            kv_bytes: int) -> Footprint:
     """``parts``: (name, pids) of each part; a pid that is gone counts nothing."""
     groups = []
     for name, pids in parts:
         memories = [m for m in map(ProcessMemory.of, pids) if m is not None]
         if memories:
-            groups.append(ProcessGroupFootprint(name=name, pids=[m.pid for m in memories],
-                                                rss_bytes=sum(m.rss for m in memories),
-                                                pss_bytes=sum(m.pss for m in memories)))
-    pss = sum(g.pss_bytes for g in groups)
-    return Footprint(measured_at=time.time(), replicas=replicas, parts=groups,
-                     rss_bytes=sum(g.rss_bytes for g in groups), pss_bytes=pss, weights_bytes=weights_bytes,
-                     kv_bytes=kv_bytes, pss_beside_weights_bytes=max(0, pss - weights_bytes))
+            groups.append(ProcessGroupFootprint(
+                name=name, pids=[m.pid for m in memories], rss_bytes=sum(m.rss for m in memories),
+                pss_bytes=sum(m.pss - m.pss_shmem for m in memories),
+                shmem_pss_bytes=sum(m.pss_shmem for m in memories)))
+    processes = sum(g.pss_bytes for g in groups)
+    total = processes + shared_memory_bytes
+    return Footprint(measured_at=time.time(), replicas=replicas, parts=groups, processes_pss_bytes=processes,
+                     shared_memory_bytes=shared_memory_bytes, pss_bytes=total, weights_bytes=weights_bytes,
+                     kv_bytes=kv_bytes, pss_beside_weights_bytes=max(0, total - weights_bytes))
 
 
 def app_footprint(runtime: "Runtime", zygote: "Zygote | None", replicas: list[ReplicaInfo],
@@ -77,12 +88,16 @@ def app_footprint(runtime: "Runtime", zygote: "Zygote | None", replicas: list[Re
     are threads of it), and in local mode its data system workers, its zygote and each replica's engine
     processes (server, core, tensor-parallel workers)."""
     parts = [("driver", [os.getpid()])]
+    shared_memory = 0
     if runtime.mode is RuntimeMode.LOCAL:
-        parts += [(f"ds_worker {node}", [pid]) for node, pid in runtime.node_pids().items() if pid]
+        workers = {node: pid for node, pid in runtime.node_pids().items() if pid}
+        parts += [(f"ds_worker {node}", [pid]) for node, pid in workers.items()]
+        shared_memory = sum(memfd_bytes(pid, DATA_SYSTEM_MEMFD) for pid in workers.values())
         if zygote is not None:
             parts.append(("zygote", [zygote.pid]))
         parts += [(info.replica_id, [info.pid, *descendants(info.pid)]) for info in replicas if info.pid]
-    return measure(parts, len(replicas), cached_weight_bytes(weights.stats()) if weights is not None else 0,
+    return measure(parts, shared_memory, len(replicas),
+                   cached_weight_bytes(weights.stats()) if weights is not None else 0,
                    kv.resident_bytes() if kv is not None else 0)
 
 

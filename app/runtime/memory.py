@@ -1,8 +1,10 @@
 """Memory of processes as the kernel counts it (``/proc/<pid>/smaps_rollup``): resident, proportional
-(PSS: each shared page divided among the processes that map it) and anonymous (heap, not files)."""
+(PSS: each shared page divided among the processes that map it), anonymous (heap, not files) and
+shared memory; and the pages a process's memfd holds, mapped by anyone or by nobody."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -14,6 +16,7 @@ class ProcessMemory(BaseModel):
     pss: int
     anonymous: int  # resident anonymous memory, shared copy-on-write or not
     pss_anon: int  # its proportional share
+    pss_shmem: int = 0  # the proportional share of shared memory it maps (the data system's, say)
 
     @classmethod
     def of(cls, pid: int) -> "ProcessMemory | None":
@@ -27,7 +30,22 @@ class ProcessMemory(BaseModel):
             name, _, value = line.partition(":")
             fields[name] = int(value.split()[0]) * 1024  # kB
         return cls(pid=pid, rss=fields.get("Rss", 0), pss=fields.get("Pss", 0),
-                   anonymous=fields.get("Anonymous", 0), pss_anon=fields.get("Pss_Anon", 0))
+                   anonymous=fields.get("Anonymous", 0), pss_anon=fields.get("Pss_Anon", 0),
+                   pss_shmem=fields.get("Pss_Shmem", 0))
+
+
+def memfd_bytes(pid: int, name: str) -> int:
+    """The bytes the memfds called ``name`` that ``pid`` holds open have in memory (allocated pages,
+    whoever maps them: a page written and then unmapped by every process is in no process's PSS)."""
+    files = {}
+    for fd in Path(f"/proc/{pid}/fd").glob("*"):
+        try:
+            if os.readlink(fd).startswith(f"/memfd:{name}"):
+                stat = fd.stat()
+                files[stat.st_ino] = stat.st_blocks * 512
+        except OSError:
+            continue  # closed meanwhile
+    return sum(files.values())
 
 
 def descendants(pid: int) -> list[int]:
