@@ -39,7 +39,7 @@ def stream(url: str, model: str, max_tokens: int = 16) -> dict:
     parts = urlsplit(url)
     body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
                        "stream": True}).encode()
-    started = time.perf_counter()
+    started, sent_at = time.perf_counter(), time.time()
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
     try:
         connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
@@ -52,7 +52,7 @@ def stream(url: str, model: str, max_tokens: int = 16) -> dict:
                 ttft = ttft if ttft is not None else time.perf_counter() - started
                 chunks += 1
         return {"status": 200, "ttft_s": round(ttft or 0.0, 3), "total_s": round(time.perf_counter() - started, 3),
-                "chunks": chunks}
+                "chunks": chunks, "sent_at": sent_at}
     except (OSError, http.client.HTTPException) as exc:
         return {"status": None, "error": repr(exc)}
     finally:
@@ -82,13 +82,14 @@ def footprint(app) -> dict:
             "parts": {part["name"]: part["pss_bytes"] for part in measured["parts"]}}
 
 
-def wake_marks(app) -> dict:
-    """Seconds since the wake-up was asked, per milestone of the replica it added."""
+def wake_marks(app, sent_at: float) -> dict:
+    """Seconds since the request was sent, per milestone of the replica its wake-up added (``requested``:
+    when the App began the wake-up)."""
     report = app.last_wake
-    if report is None:
+    added = [r for r in report.replicas if r.action == "added"] if report is not None else []
+    if not added:
         return {}
-    added = [r for r in report.replicas if r.action == "added"]
-    return added[0].seconds_since_requested() if added else {}
+    return {mark: round(at - sent_at, 3) for mark, at in sorted(added[0].timeline.items(), key=lambda item: item[1])}
 
 
 def shape_run(shape: DemoShape, cache: Path, repeats: int) -> dict:
@@ -116,13 +117,13 @@ def shape_run(shape: DemoShape, cache: Path, repeats: int) -> dict:
                 out["footprint_zero"] = footprint(app)
             log(f"{shape.value}: a request at zero ({step + 1} of {repeats})")
             row = stream(app.url, name)
-            row["wake"] = wake_marks(app)
+            row["wake"] = wake_marks(app, row.get("sent_at", 0.0))
             out["from_zero"].append(row)
         app.scale(0)
         wait_until_quiet()
         log(f"{shape.value}: a burst of {BURST} at zero")
         out["burst"] = burst(app.url, name, BURST)
-        out["burst_wake"] = wake_marks(app)
+        out["burst_wake"] = wake_marks(app, min(r.get("sent_at", 0.0) for r in out["burst"]))
         out["replicas_after_burst"] = app.status()["ready_replicas"]
     return out
 
@@ -154,15 +155,18 @@ def summarise(results: dict) -> str:
         lines.append(f"| {shape} | {idle:.3f} s | {zero:.3f} s | ≤ {target} s | {'yes' if met else '**no**'} | "
                      f"{len(served)}/{BURST} ({BURST - len(served)} failed), "
                      + (f"{ttfts[0]:.2f} / {statistics.median(ttfts):.2f} / {ttfts[-1]:.2f} s |" if ttfts else "- |"))
-    lines += ["", "Where the time from zero went (seconds since the wake-up was asked, the last repeat; the "
-              "client's TTFT adds the request's own prefill and the Router's hops):", "",
-              "| shape | process made | core forked | weights mapped | engine ready | first token (the App's check) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "Where the time from zero went (seconds since the client sent the request, medians of the "
+              "repeats: the App takes up the Router's wake-up, forks the engine process from the zygote, which "
+              "forks its core; vLLM sets up and the weights are mapped; the engine is ready; the App's own "
+              "first-token check; then the held request goes to the replica and its first token comes back):",
+              "", "| shape | wake-up taken | process made | core forked | weights mapped | engine ready | "
+              "App's first-token check | client's first token |", "|---|---|---|---|---|---|---|---|"]
     for shape, data in results["shapes"].items():
-        marks = data["from_zero"][-1].get("wake") or {}
-        lines.append(f"| {shape} | " + " | ".join(
-            f"{marks[m]:.2f}" if m in marks else "-" for m in ("process_made", "core_forked", "weights_loaded",
-                                                                 "engine_ready", "first_token")) + " |")
+        rows = [r for r in data["from_zero"] if r.get("wake")]
+        cells = [_median([r["wake"][m] for r in rows if m in r["wake"]]) for m in
+                 ("requested", "process_made", "core_forked", "weights_loaded", "engine_ready", "first_token")]
+        cells.append(_median([r["ttft_s"] for r in rows]))
+        lines.append(f"| {shape} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
     lines += ["", "Memory the App holds: its processes' PSS without shared memory (the driver, with the Router "
               "and WeightCache actors; the data system worker; the zygote; the replicas), plus the data system's "
               "shared memory in use, whoever maps it (at zero nobody does: the weights stay in memory no process "

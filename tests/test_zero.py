@@ -2,19 +2,22 @@
 healed, holds the next request and wakes at once; the autoscaler goes to zero when idle.
 
 The tests run in file order and build on each other: 1 replica -> 0 (while a stream runs) -> 1 (woken
-by a request) -> 0 and back under the autoscaler -> 1.
+by a request) -> its engine killed, a request held until the replacement serves -> 0 and back under the
+autoscaler -> 1.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 
 import pytest
 from conftest import PROMPT, greedy
 from test_healing import events, wait_for
-from test_serving import call
+from test_serving import call, metric_value
 
 from app.config import AutoscaleConfig
 
@@ -33,7 +36,7 @@ def seed_tokens(app, model_name):
     return greedy(app.url, model_name)
 
 
-def test_scaling_to_zero_lets_the_streams_in_flight_finish_first(app, model_name, seed_tokens):
+def test_scaling_to_zero_over_http_lets_the_streams_in_flight_finish_first(app, model_name, seed_tokens):
     import openai
 
     client = openai.OpenAI(base_url=f"{app.url}/v1", api_key="none", max_retries=0, timeout=300)
@@ -52,12 +55,13 @@ def test_scaling_to_zero_lets_the_streams_in_flight_finish_first(app, model_name
     thread.start()
     assert streaming.wait(120)
     asked_at = time.time()
-    report = app.scale(0)
+    status, _, raw = call(app.url, "POST", "/scalein", {"replicas": 0})
     thread.join(120)
-    assert report.ok, str(report)
-    assert (report.replicas_before, report.replicas_after) == (1, 0)
-    (removed,) = report.replicas
-    assert removed.action == "removed" and removed.error is None
+    assert status == 200, raw
+    report = json.loads(raw)
+    assert (report["replicas_before"], report["replicas_after"]) == (1, 0)
+    (removed,) = report["replicas"]
+    assert removed["action"] == "removed" and removed["error"] is None
     assert finished["at"] > asked_at, "the stream was over before the scale to zero: nothing was drained"
     assert finished["finish"] == "length" and finished["chunks"] >= 300
     assert app.status()["replicas"] == []
@@ -104,6 +108,18 @@ def test_a_request_at_zero_is_held_and_answered_with_the_tokens_from_before(app,
     assert status["ready_replicas"] == 1 and len(status["replicas"]) == 1
     (woken,) = events(app, "woken")
     assert "merged 0 -> 1 replicas" in woken["reason"], woken
+
+
+def test_a_request_while_the_only_replica_is_replaced_is_held_and_served(app, model_name, seed_tokens):
+    (row,) = app.status()["replicas"]
+    os.kill(row["pid"], signal.SIGKILL)
+    wait_for(lambda: events(app, "replica_failed", row["replica_id"]), "the replica declared failed", 30)
+    # Nothing is ready and the pool is not at zero: the request waits for the Supervisor's replacement.
+    assert greedy(app.url, model_name) == seed_tokens
+    assert events(app, "replica_replaced") and len(events(app, "woken")) == 1
+    metrics = call(app.url, "GET", "/metrics")[2].decode()
+    assert metric_value(metrics, "yrllm_router_holds_total", role="merged", outcome="released") >= 2
+    assert metric_value(metrics, "yrllm_router_requests_total", route="/v1/completions", status="503") is None
 
 
 def test_the_autoscaler_goes_to_zero_when_idle_and_a_request_brings_it_back(app, model_name, seed_tokens):
