@@ -187,7 +187,9 @@ def summarise(results: dict) -> str:
               "the start from zero one fork); the driver holds Python, the Router and the yr SDK, which imports "
               "torch in every process that uses actors (`yr/ds_tensor_client_manager.py:28`, probing for "
               "torch_npu; about 0.2 GB RSS of its own); the data system worker its own heap (about 500 threads "
-              "at its default settings). docs/FINDINGS.md, \"Scale to zero\", has the breakdown.",
+              "at its default settings); and the data system allocates about 1.2x the weights' bytes (per-object "
+              "rounding, shared memory beyond the weights in the table). docs/FINDINGS.md, \"Scale to zero\", "
+              "has the breakdown.",
               "", f"Targets met: {'all' if all(met_all) else 'not all (see the rows marked no)'}. Raw figures: "
               "`bench/out/zero.json`."]
     return "\n".join(lines)
