@@ -3,9 +3,10 @@
 A pool has no ready replica when it was scaled to zero, or while every replica of it is starting
 (after a failure, say). While an App is attached (``open``: it can start the replica a request waits
 for), such a request waits here instead of being refused, and the first one asks the App to wake the
-pools at zero (``wake``, through the scale mailbox) without waiting for the autoscaler. Past ``router.queue_max`` requests held at once,
-or ``router.queue_timeout_s`` for one of them, the client gets a 503 with ``Retry-After``. A client
-that leaves is dropped from the queue: it is never sent upstream and does not hold a place.
+pools at zero (``wake``, through the scale mailbox) without waiting for the autoscaler. Past
+``router.queue_max`` requests held at once, or ``router.queue_timeout_s`` for one of them, the client
+gets a 503 with ``Retry-After``. A client that leaves is dropped from the queue: it is never sent
+upstream and does not hold a place.
 
 Runs on the Router's event loop only.
 """
