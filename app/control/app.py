@@ -214,7 +214,7 @@ class App:
         if self._zygote is not None:
             status["zygote"] = self._zygote.status()
         if self._scaler is not None:
-            status["footprint"] = self.footprint().model_dump()
+            status["footprint"] = self._measure_footprint(status.get("weight_cache")).model_dump()
         return {"url": self.url if self.router_port else None, "model": self.served_model_name,
                 "model_dir": str(self.model_dir) if self.model_dir else None,
                 "runtime": self._runtime.mode.value, "runtime_ready_at": self._runtime.ready_at,
@@ -225,8 +225,11 @@ class App:
 
     def footprint(self) -> Footprint:
         """What the App holds now: its processes on this host (RSS, PSS) and its bytes in the data system."""
+        return self._measure_footprint(self._weights.stats() if self._weights is not None else None)
+
+    def _measure_footprint(self, weight_cache: dict[str, Any] | None) -> Footprint:
         return app_footprint(self._runtime, self._zygote, self._scaler.infos() if self._scaler else [],
-                             self._weights, self._kv)
+                             weight_cache, self._kv)
 
     # ---- scaling ---------------------------------------------------------------------------------
 
@@ -241,8 +244,7 @@ class App:
 
     @property
     def last_wake(self) -> ScaleReport | None:
-        """What the last wake-up from zero did (a request arrived while pools were at zero), for a
-        first request that was slower than expected."""
+        """What the last wake-up from zero did: why a first request after zero took as long as it did."""
         return self._scaler.last_wake if self._scaler is not None else None
 
     def autoscale(self, config: AutoscaleConfig | None) -> None:

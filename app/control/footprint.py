@@ -17,7 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, computed_field
 
 from app.config import RuntimeMode
 from app.replica import ReplicaInfo
@@ -25,7 +25,6 @@ from app.runtime.memory import ProcessMemory, descendants, memfd_bytes
 
 if TYPE_CHECKING:
     from app.control.kv_accounting import KVAccountant
-    from app.control.weight_client import WeightCacheClient
     from app.engine.zygote_client import Zygote
     from app.runtime.openyuanrong import Runtime
 
@@ -53,19 +52,28 @@ class Footprint(BaseModel):
     share of the files they map) plus the data system's shared memory, whoever maps it, or nobody (at
     zero replicas the weights stay in memory that no process maps)."""
 
-    measured_at: float
+    measured_at: float = Field(default_factory=time.time)
     replicas: int
     parts: list[ProcessGroupFootprint]
-    processes_pss_bytes: int
     shared_memory_bytes: int  # the data system workers' shared memory in use (this host's workers)
-    pss_bytes: int  # processes_pss_bytes + shared_memory_bytes
     weights_bytes: int  # of which cached weights, every node's copy (the WeightCache's accounting)
     kv_bytes: int  # and KV blocks (the App's KV accounting)
-    pss_beside_weights_bytes: int  # pss_bytes less weights_bytes: what the App holds beside its cached weights
+
+    @computed_field
+    def processes_pss_bytes(self) -> int:
+        return sum(part.pss_bytes for part in self.parts)
+
+    @computed_field
+    def pss_bytes(self) -> int:
+        return self.processes_pss_bytes + self.shared_memory_bytes
+
+    @computed_field
+    def pss_beside_weights_bytes(self) -> int:
+        """What the App holds beside its cached weights."""
+        return max(0, self.pss_bytes - self.weights_bytes)
 
 
-def measure(parts: Iterable[tuple[str, list[int]]], shared_memory_bytes: int, replicas: int, weights_bytes: int,
-            kv_bytes: int) -> Footprint:
+def measure(parts: Iterable[tuple[str, list[int]]]) -> list[ProcessGroupFootprint]:
     """``parts``: (name, pids) of each part; a pid that is gone counts nothing."""
     groups = []
     for name, pids in parts:
@@ -75,18 +83,15 @@ def measure(parts: Iterable[tuple[str, list[int]]], shared_memory_bytes: int, re
                 name=name, pids=[m.pid for m in memories], rss_bytes=sum(m.rss for m in memories),
                 pss_bytes=sum(m.pss - m.pss_shmem for m in memories),
                 shmem_pss_bytes=sum(m.pss_shmem for m in memories)))
-    processes = sum(g.pss_bytes for g in groups)
-    total = processes + shared_memory_bytes
-    return Footprint(measured_at=time.time(), replicas=replicas, parts=groups, processes_pss_bytes=processes,
-                     shared_memory_bytes=shared_memory_bytes, pss_bytes=total, weights_bytes=weights_bytes,
-                     kv_bytes=kv_bytes, pss_beside_weights_bytes=max(0, total - weights_bytes))
+    return groups
 
 
 def app_footprint(runtime: "Runtime", zygote: "Zygote | None", replicas: list[ReplicaInfo],
-                  weights: "WeightCacheClient | None", kv: "KVAccountant | None") -> Footprint:
+                  weight_cache_stats: dict[str, Any] | None, kv: "KVAccountant | None") -> Footprint:
     """The parts of an App: the driver (in local mode the Router, the WeightCache and the engine actors
     are threads of it), and in local mode its data system workers, its zygote and each replica's engine
-    processes (server, core, tensor-parallel workers)."""
+    processes (server, core, tensor-parallel workers). ``weight_cache_stats``: ``WeightCache.stats()``,
+    None without a WeightCache."""
     parts = [("driver", [os.getpid()])]
     shared_memory = 0
     if runtime.mode is RuntimeMode.LOCAL:
@@ -96,9 +101,9 @@ def app_footprint(runtime: "Runtime", zygote: "Zygote | None", replicas: list[Re
         if zygote is not None:
             parts.append(("zygote", [zygote.pid]))
         parts += [(info.replica_id, [info.pid, *descendants(info.pid)]) for info in replicas if info.pid]
-    return measure(parts, shared_memory, len(replicas),
-                   cached_weight_bytes(weights.stats()) if weights is not None else 0,
-                   kv.resident_bytes() if kv is not None else 0)
+    return Footprint(replicas=len(replicas), parts=measure(parts), shared_memory_bytes=shared_memory,
+                     weights_bytes=cached_weight_bytes(weight_cache_stats or {}),
+                     kv_bytes=kv.resident_bytes() if kv is not None else 0)
 
 
 def cached_weight_bytes(weight_cache_stats: dict[str, Any]) -> int:

@@ -62,11 +62,13 @@ def model_not_found(name: str) -> ApiError:
                     "model_not_found")
 
 
-def no_replica_ready(role: str | None = None, retry_after_s: int = 5) -> ApiError:
-    """``role``: the pool that has none ready, in a disaggregated App."""
+def no_replica_ready(role: str | None = None, retry_after_s: int = 5, why: str | None = None,
+                     code: str = "no_replica_ready") -> ApiError:
+    """``role``: the pool that has none ready, in a disaggregated App; ``why``: why the request was not
+    held until one is (``code`` names that case)."""
     which = f"No {role} replica" if role else "No replica"
-    return ApiError(503, f"{which} is ready to serve this model; retry shortly.", ErrorType.UNAVAILABLE,
-                    None, "no_replica_ready", retry_after_s)
+    return ApiError(503, f"{which} is ready to serve this model{f' and {why}' if why else ''}; retry shortly.",
+                    ErrorType.UNAVAILABLE, None, code, retry_after_s)
 
 
 def upstream_failed(detail: str) -> ApiError:

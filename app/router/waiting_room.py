@@ -21,7 +21,7 @@ from typing import Callable
 
 from app.replica import Role
 from app.router.metrics import RouterMetrics
-from app.router.openai_protocol import ApiError, ErrorType, no_replica_ready
+from app.router.openai_protocol import ApiError, no_replica_ready
 
 #: What a client whose request was refused here should wait before trying again: about one start.
 RETRY_AFTER_S = 5
@@ -55,15 +55,14 @@ class WaitingRoom:
         """Return once ``role`` may have a ready replica (``release``); the caller picks one, and waits
         again if it lost the race. Raises the 503 the client gets if the request cannot be held, or was
         held until ``deadline`` (``time.monotonic()``; see ``deadline``)."""
-        pool = None if role is Role.MERGED else role.value
         if not self.opened:
-            raise no_replica_ready(pool, RETRY_AFTER_S)
+            raise _unavailable(role)
         if self._wake():  # even if this request cannot be held: it says the pool is wanted
             self._metrics.wakes.labels(role.value).inc()
         if self.held() >= self._limit:
             self._count(role, HoldOutcome.FULL)
-            raise _refused(pool, f"{self._limit} requests are already waiting for a replica to start "
-                           f"(router.queue_max)", "queue_full")
+            raise _unavailable(role, f"{self._limit} requests are already waiting for a replica to start "
+                               f"(router.queue_max)", "queue_full")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue = self._held.setdefault(role, deque())
         queue.append(future)
@@ -76,8 +75,8 @@ class WaitingRoom:
             raise
         except TimeoutError:
             self._count(role, HoldOutcome.TIMEOUT)
-            raise _refused(pool, f"no replica became ready within {self._timeout_s:g} s "
-                           f"(router.queue_timeout_s)", "queue_timeout") from None
+            raise _unavailable(role, f"no replica became ready within {self._timeout_s:g} s "
+                               f"(router.queue_timeout_s)", "queue_timeout") from None
         except asyncio.CancelledError:
             self._count(role, HoldOutcome.GONE)
             raise
@@ -108,14 +107,11 @@ class WaitingRoom:
             while queue:
                 future = queue.popleft()
                 if not future.done():
-                    future.set_exception(no_replica_ready(None if role is Role.MERGED else role.value,
-                                                          RETRY_AFTER_S))
+                    future.set_exception(_unavailable(role))
 
     def _count(self, role: Role, outcome: HoldOutcome) -> None:
         self._metrics.holds.labels(role.value, outcome.value).inc()
 
 
-def _refused(pool: str | None, why: str, code: str) -> ApiError:
-    which = f"No {pool} replica" if pool else "No replica"
-    return ApiError(503, f"{which} is ready to serve this model and {why}; retry shortly.",
-                    ErrorType.UNAVAILABLE, None, code, RETRY_AFTER_S)
+def _unavailable(role: Role, why: str | None = None, code: str = "no_replica_ready") -> ApiError:
+    return no_replica_ready(None if role is Role.MERGED else role.value, RETRY_AFTER_S, why, code)
