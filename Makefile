@@ -11,6 +11,9 @@
 #   make nodes   - weights across simulated nodes: fetch, map, fan-out; writes bench/out/nodes.*
 #   make zero    - scale to zero and back: first token from zero, a burst at zero, memory at zero;
 #                  writes bench/out/zero.*
+#   make seedcase - the original case's 7B headline: Qwen2.5-7B's shape with PTP=2 through
+#                  entrypoint.py and POST /scaleout, beside vLLM's own loader (builds the 15 GB demo
+#                  model on first use; needs 24 GB of RAM); writes BENCHMARKS.md and bench/out/seedcase.*
 # Both create .venv and install the pinned stack on first use (and again when a requirements file or
 # pyproject.toml changes).
 
@@ -18,7 +21,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench traffic chaos kv pd nodes zero clean
+.PHONY: serve test bench traffic chaos kv pd nodes zero seedcase clean
 
 serve: $(STAMP)
 	$(VENV)/bin/python entrypoint.py $(ARGS)
@@ -49,6 +52,9 @@ nodes: $(STAMP)
 
 zero: $(STAMP)
 	$(VENV)/bin/python -m bench.zero $(ARGS)
+
+seedcase: $(STAMP)
+	$(VENV)/bin/python -m bench.seedcase $(ARGS)
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

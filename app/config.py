@@ -131,8 +131,8 @@ class KVConfig(_Section):
                           "vLLM's own prefix cache.")
     capacity_gb: float | None = Field(None, gt=0, description="Most GB of KV blocks kept in the data system; "
                                       "the least recently stored or loaded blocks are deleted beyond it. Unset: "
-                                      "a quarter of runtime.ds_shared_memory_mb in local mode, 1 GB in cluster "
-                                      "mode. Weights are never evicted for KV: a data system that is full stores "
+                                      "a quarter of runtime.ds_shared_memory_mb if that is set, 1 GB otherwise. "
+                                      "Weights are never evicted for KV: a data system that is full stores "
                                       "no more KV.")
     ttl_s: int = Field(3600, ge=0, description="A block nobody stored or loaded for this long expires "
                        "(0: never). Catches blocks whose replica died before the App accounted for them.")
@@ -231,8 +231,12 @@ class RuntimeConfig(_Section):
                                        "HOST:PORT (env YR_SERVER_ADDRESS).")
     ds_address: str | None = Field(None, description="Cluster mode: the data system worker HOST:PORT "
                                    "(env DS_WORKER_ADDR, the 'ds_master_port' printed by 'yr start').")
-    ds_shared_memory_mb: int = Field(4096, ge=64, description="Local mode: shared memory of the data "
-                                     "system worker the App starts. Must hold the cached weights.")
+    ds_shared_memory_mb: int | None = Field(None, ge=64, description="Local mode: shared memory of each "
+                                            "data system worker the App starts. Unset: sized from the model at "
+                                            "start, to hold the weights (once per rank layout the pools use), "
+                                            "the KV blocks (kv.capacity_gb), over the 83% of its size a worker fills, "
+                                            "plus 256 MB; unused, the size costs nothing. Set: a size that cannot "
+                                            "hold those is an error at start.")
     ds_home: Path | None = Field(None, description="Local mode: the worker's home (logs, sockets). A "
                                  "fresh temporary folder if unset, removed on shutdown.")
     ds_start_timeout_s: float = Field(60.0, gt=0, description="Local mode: wait this long for the "
@@ -317,8 +321,8 @@ class AppConfig(BaseSettings):
         """``kv.capacity_gb``, or its default for this runtime."""
         if self.kv.capacity_gb is not None:
             return self.kv.capacity_gb
-        local = self.runtime.resolved_mode is RuntimeMode.LOCAL
-        return self.runtime.ds_shared_memory_mb / 4 / 1000 if local else 1.0
+        sized = self.runtime.resolved_mode is RuntimeMode.LOCAL and self.runtime.ds_shared_memory_mb is not None
+        return self.runtime.ds_shared_memory_mb / 4 / 1000 if sized else 1.0
 
     def tensor_parallel(self, role: Role) -> int:
         """The tensor parallel size of ``role``'s engines (merged replicas take the prefill pool's)."""
@@ -348,6 +352,7 @@ class AppConfig(BaseSettings):
     @model_validator(mode="after")
     def _kv_fits(self) -> "AppConfig":
         if (self.kv.enabled and self.runtime.resolved_mode is RuntimeMode.LOCAL
+                and self.runtime.ds_shared_memory_mb is not None
                 and self.kv_capacity_gb * 1000 >= self.runtime.ds_shared_memory_mb):
             raise ValueError(f"kv.capacity_gb ({self.kv.capacity_gb}) must leave room for the weights in "
                              f"runtime.ds_shared_memory_mb ({self.runtime.ds_shared_memory_mb})")

@@ -38,12 +38,14 @@ def status(url: str) -> dict:
 
 def start_driver(replicas: int, log: Path, env: dict[str, str],
                  flags: list[str] | None = None) -> tuple[subprocess.Popen, str]:
-    """``python entrypoint.py`` with ``env`` on top of ours (YRLLM_* variables configure it) and ``flags``
-    (default: ``--replicas <replicas>``); returns once ``replicas`` replicas are ready."""
-    port = free_port()
-    env = {**os.environ, **env}
+    """``python entrypoint.py`` with ``env`` on top of ours (YRLLM_* variables, or the original case's,
+    configure it) and ``flags`` (default: ``--replicas <replicas>``); returns once ``replicas`` replicas
+    are ready. The Router listens on ``SERVER_PORT`` if ``env`` sets it, on a free port otherwise."""
+    port = int(env["SERVER_PORT"]) if "SERVER_PORT" in env else free_port()
     flags = ["--replicas", str(replicas)] if flags is None else flags
-    driver = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), "--port", str(port), *flags], cwd=ROOT,
+    flags = flags if "SERVER_PORT" in env else ["--port", str(port), *flags]
+    env = {**os.environ, **env}
+    driver = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), *flags], cwd=ROOT,
                               env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600

@@ -148,7 +148,7 @@ def ds_worker():
     """A data system worker of its own for the weight-plane tests (the App has another)."""
     from app.runtime.datasystem_worker import DataSystemWorker
 
-    worker = DataSystemWorker(512)
+    worker = DataSystemWorker(1536)
     worker.start()
     yield worker
     worker.stop()

@@ -102,8 +102,8 @@ def test_an_undecodable_environment_value_names_the_field():
         AppConfig.load(env={"YRLLM_ENGINE__EXTRA_ARGS": "[unclosed"})
 
 
-def test_kv_capacity_defaults_to_a_quarter_of_the_local_worker_and_must_fit_in_it():
-    assert AppConfig.load(env={}).kv_capacity_gb == pytest.approx(4096 / 4 / 1000)
+def test_kv_capacity_defaults_to_a_quarter_of_a_sized_local_worker_and_must_fit_in_it():
+    assert AppConfig.load(env={}).kv_capacity_gb == 1.0  # the worker is then sized from the model, for it
     assert AppConfig.load(env={}, overrides={"runtime.ds_shared_memory_mb": 256}).kv_capacity_gb == 0.064
     assert AppConfig.load(env={}, overrides={"kv.capacity_gb": 2}).kv_capacity_gb == 2
     cluster = {"runtime.server_address": "10.0.0.1:31222", "runtime.ds_address": "10.0.0.1:31501"}

@@ -36,10 +36,11 @@ def test_a_cluster_nodes_address_makes_valid_marker_keys():
 
 
 def test_a_fetch_reads_in_batches_of_bounded_bytes():
-    loader = pytest.importorskip("app.weights.loader")
+    from app.weights.host_tier import batches_by_bytes
+
     mb = 1 << 20
-    batches = loader._by_bytes(["a", "b", "c", "d", "e"], [100 * mb, 100 * mb, 100 * mb, 600 * mb, mb], limit=256 * mb)
+    batches = batches_by_bytes(["a", "b", "c", "d", "e"], [100 * mb, 100 * mb, 100 * mb, 600 * mb, mb], limit=256 * mb)
     # A value over the limit is a batch of its own (its call gets a longer timeout).
     assert batches == [(["a", "b"], 200 * mb), (["c"], 100 * mb), (["d"], 600 * mb), (["e"], mb)]
-    assert loader._by_bytes([], [], limit=mb) == []
-    assert loader._by_bytes(["a", "b"], [0, 0], limit=mb) == [(["a", "b"], 0)]
+    assert batches_by_bytes([], [], limit=mb) == []
+    assert batches_by_bytes(["a", "b"], [0, 0], limit=mb) == [(["a", "b"], 0)]

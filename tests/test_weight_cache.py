@@ -62,10 +62,12 @@ def test_a_failed_seed_hands_over_to_the_next_plan_and_tells_its_followers(cache
     plan(cache, "s1")
     plan(cache, "waiting")
     cache.abandon("s1")  # the seed's engine never came up
-    tombstone = WeightKeys(IDENTITY.fingerprint, RankLayout()).abandoned
+    tombstone = WeightKeys(IDENTITY.fingerprint, RankLayout()).abandoned("s1")
     assert HostTier(ds_worker.address).exists([tombstone]) == [True]
     assert plan(cache, "s2").kind is PlanKind.SEED
     assert cache.stats()["misses"] == 2
+    # The new seed's followers wait for it, not for the old seed's tombstone.
+    assert plan(cache, "waiting2").seed_replica == "s2"
 
 
 def test_a_seed_that_could_not_publish_is_not_trusted(cache):
@@ -188,10 +190,11 @@ def test_retire_frees_the_data_system_objects(cache, ds_worker):
     import torch
 
     loader = pytest.importorskip("app.weights.loader")
+    seeding = pytest.importorskip("app.weights.seeding")
     tier = HostTier(ds_worker.address)
     keys = WeightKeys(IDENTITY.fingerprint, RankLayout())
     model = torch.nn.Linear(8, 8)
-    loader._publish(tier, keys, RankLayout(), loader._tensors(model), SimpleNamespace(dtype=torch.float32))
+    seeding.publish_copy(tier, keys, RankLayout(), loader._tensors(model), SimpleNamespace(dtype=torch.float32))
     plan(cache, "s")
     cache.report(loaded("s", PlanKind.SEED, WeightSource.DISK))
     everything = [keys.manifest, *keys.tensors(2)]

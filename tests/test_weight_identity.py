@@ -57,7 +57,7 @@ def test_content_digest_cache_is_keyed_by_size_and_mtime(tmp_path):
 def test_keys_obey_the_data_system_rules():
     layout = RankLayout(tp_rank=1, tp_size=2)
     keys = WeightKeys(identity().fingerprint, layout)
-    for key in (keys.manifest, keys.abandoned, *keys.tensors(3)):
+    for key in (keys.manifest, keys.abandoned("r1"), *keys.tensors(3)):
         assert KEY_RULE.match(key) and len(key) <= 255
     assert len(set(keys.tensors(3))) == 3
     other_rank = WeightKeys(identity().fingerprint, RankLayout(tp_rank=0, tp_size=2))

@@ -1,5 +1,5 @@
-"""The load format's data paths (publish, map, pull, and every way they refuse) against a real data
-system worker, on a small torch model: no vLLM engine needed."""
+"""The load format's data paths (publish, the lean seed's move, map, pull, and every way they refuse)
+against a real data system worker, on small torch models: no vLLM engine needed."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from app.runtime.datasystem_worker import DataSystemWorker
+from app.weights import seeding
 from app.weights.host_tier import HostTier, TierError
 from app.weights.identity import RankLayout, WeightKeys
 from app.weights.load_report import PlanKind
@@ -37,7 +38,7 @@ def small_model(seed: int) -> nn.Module:
 
 def publish(tier, fingerprint: str, seed: int = 0) -> tuple[nn.Module, WeightKeys]:
     model, keys = small_model(seed), WeightKeys(fingerprint, RankLayout())
-    loader._publish(tier, keys, RankLayout(), loader._tensors(model), FP32)
+    seeding.publish_copy(tier, keys, RankLayout(), loader._tensors(model), FP32)
     return model, keys
 
 
@@ -99,17 +100,17 @@ def test_awaiting_a_seed_returns_when_it_publishes_and_stops_when_it_fails(tier)
     keys = WeightKeys("a6" * 16, RankLayout())
     publisher = threading.Timer(0.5, lambda: publish(tier, "a6" * 16))
     publisher.start()
-    waited = rendezvous.await_seed(tier, keys, timeout_s=30)
+    waited = rendezvous.await_seed(tier, keys, "s1", timeout_s=30)
     publisher.join()
     assert 0.3 < waited < 10
     failed = WeightKeys("a7" * 16, RankLayout())
-    tier.put([(failed.abandoned, memoryview(b"1"))])
+    tier.put([(failed.abandoned("s1"), memoryview(b"1"))])
     started = time.monotonic()
-    with pytest.raises(TierError, match="seed replica failed"):
-        rendezvous.await_seed(tier, failed, timeout_s=30)
+    with pytest.raises(TierError, match="seed replica s1 failed"):
+        rendezvous.await_seed(tier, failed, "s1", timeout_s=30)
     assert time.monotonic() - started < 5
     with pytest.raises(TierError, match="did not publish"):
-        rendezvous.await_seed(tier, WeightKeys("a8" * 16, RankLayout()), timeout_s=0.3)
+        rendezvous.await_seed(tier, WeightKeys("a8" * 16, RankLayout()), "s1", timeout_s=0.3)
 
 
 def test_awaiting_a_nodes_fetch_returns_when_it_lands_and_stops_when_it_fails_or_the_entry_goes(tier):
@@ -148,3 +149,73 @@ def test_a_stopped_worker_fails_fast_instead_of_hanging():
     with pytest.raises(TierError):
         fetch(tier, keys, small_model(1))
     assert time.monotonic() - started < 15
+
+
+def rss_anon() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("RssAnon:")).split()[1]) * 1024
+
+
+def test_a_seed_moves_a_05b_model_into_shared_memory_holding_its_weights_once(tier, ds_worker):
+    """The lean seed, on the 0.5B demo shape in bf16 (0.99 GB) through the loader's own seed path: its
+    resident memory never grows by more than 0.15x the weights (about one chunk, in fact), its private
+    copy is gone afterwards, and a replica maps exactly the bytes it had."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from app.control.demo_model import DemoShape
+
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(**DemoShape.QWEN2_5_0_5B.config_kwargs())).to(torch.bfloat16)
+    model = model.to_empty(device="cpu").requires_grad_(False)
+    params = loader._tensors(model)
+    for index, (_, param) in enumerate(params):
+        param.fill_(index % 97)  # every page touched, as after a disk load; each tensor recognisable
+    weights = sum(p.nbytes for _, p in params)
+    assert weights > 0.9e9
+    anon_before = rss_anon()
+    keys = WeightKeys("c1" * 16, RankLayout())
+    plan = WeightPlan(kind=PlanKind.SEED, replica_id="r1", fingerprint=keys.fingerprint,
+                      ds_address=ds_worker.address, report_path=Path("/tmp/r1.json"))
+    moved = loader._seed(model, plan, keys, RankLayout(), params, SimpleNamespace(dtype=torch.bfloat16))
+    try:
+        assert moved.added_bytes <= 0.15 * weights, f"the seed held {moved.added_bytes / 1e6:.0f} MB more"
+        assert anon_before - rss_anon() > 0.9 * weights, "the private copy was not released"
+        for index, (name, param) in enumerate(params):
+            assert torch.all(param == index % 97), name
+        # A replica's map checks every byte against the digests the move took.
+        views = loader._fetch(tier, keys, RankLayout(), params, SimpleNamespace(dtype=torch.bfloat16),
+                              VerifyMode.FULL)
+        for (name, param), view in zip(params, views):
+            assert torch.equal(loader._as_tensor(view, param), param), name
+    finally:
+        tier.delete([keys.manifest, *keys.tensors(len(params))])
+        del model, params
+
+
+def test_a_failed_move_loses_no_weights_leaves_nothing_mappable_and_a_tombstone(monkeypatch):
+    """The data system fills up mid-publish: the seed keeps every parameter's bytes (moved or not),
+    no key of the entry is left, and replicas awaiting it are told at once."""
+    monkeypatch.setattr(seeding, "_BATCH_BYTES", 24 << 20)  # one tensor per batch: it fails mid-way
+    worker = DataSystemWorker(64)
+    worker.start()
+    try:
+        tier = HostTier(worker.address, timeout_ms=3000)
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(2048, 3072, bias=False) for _ in range(4)]).requires_grad_(False)
+        expected = [p.clone() for p in model.parameters()]
+        params, keys = loader._tensors(model), WeightKeys("c2" * 16, RankLayout())
+        moved = seeding.Moved()
+        with pytest.raises(TierError, match="no space|Out of memory|failed"):
+            seeding.move_into(tier, keys.tensors(len(params)), params, moved)
+        assert 0 < len(moved.names) < len(params), "the move should fail mid-way"
+        seeding.abandon(tier, keys, len(params), "r1")
+        for (name, param), before in zip(params, expected):
+            assert torch.equal(param, before), name
+        assert tier.exists([keys.manifest, *keys.tensors(len(params))]) == [False] * (len(params) + 1)
+        assert tier.exists([keys.abandoned("r1")]) == [True]
+        with pytest.raises(TierError):
+            fetch(tier, keys, model)
+        with pytest.raises(TierError, match="seed replica r1 failed"):
+            rendezvous.await_seed(tier, keys, "r1", timeout_s=5)
+    finally:
+        worker.stop()

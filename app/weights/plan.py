@@ -31,6 +31,7 @@ class WeightPlan(BaseModel):
                                 "loading: wait this long for its manifest to appear.")
     await_fetch_s: float = Field(0.0, ge=0, description="map/pull planned while the first replica on "
                                  "this node (fetcher) is still fetching: wait this long for its copy.")
+    seed_replica: str | None = Field(None, description="The seed replica to await (its tombstone says it failed).")
     fetcher: str | None = Field(None, description="The replica whose fetch onto this node to await.")
     reason: str | None = Field(None, description="disk plans: why the cache is not used (reported).")
     report_path: Path = Field(description="Where the loader writes its LoadReport (JSON).")

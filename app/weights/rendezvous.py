@@ -15,14 +15,14 @@ from app.weights.plan import WeightPlan
 logger = init_logger("vllm.yrllm.loader")
 
 
-def await_seed(tier: HostTier, keys: WeightKeys, timeout_s: float) -> float:
-    """Wait for the seed's manifest; returns the seconds waited."""
+def await_seed(tier: HostTier, keys: WeightKeys, seed: str, timeout_s: float) -> float:
+    """Wait for the manifest of ``seed``, the replica seeding; returns the seconds waited."""
     started = time.perf_counter()
     logger.info("Waiting for the seed replica to publish %s", keys.prefix)
     while time.perf_counter() - started < timeout_s:
-        complete, abandoned = tier.exists([keys.manifest, keys.abandoned])
+        complete, abandoned = tier.exists([keys.manifest, keys.abandoned(seed)])
         if abandoned:
-            raise TierError("the seed replica failed before publishing")
+            raise TierError(f"the seed replica {seed} failed before publishing")
         if complete:
             waited = time.perf_counter() - started
             logger.info("The seed published after %.2f s of waiting", waited)
