@@ -50,6 +50,8 @@ ORIGINAL = {"disk_s": 15.8, "data_system_s": 1.5}
 MAP_TARGET_S, MAP_RATIO_TARGET, FIRST_TOKEN_TARGET_S = 0.3, 50.0, 8.0
 SEED_EXTRA_TARGET, PSS_TARGET = 0.15, 1.05
 PULL_SAMPLE_BYTES = 2 << 30
+#: A greedy completion both runs answer: the moved and the mapped weights must give vLLM's own tokens.
+GREEDY = {"prompt": "def fibonacci(n):", "max_tokens": 4, "temperature": 0, "return_token_ids": True}
 
 
 class HostMemory:
@@ -91,6 +93,13 @@ def logs_dir(driver_log: Path) -> Path:
     return Path(match.group(1))
 
 
+def greedy_tokens(url: str, model: Path) -> list[int]:
+    code, body = http_call(url, "/v1/completions", {"model": model.name, **GREEDY}, timeout=300)
+    if code != 200:
+        raise RuntimeError(f"the completion answered {code}: {body[:300]!r}")
+    return json.loads(body)["choices"][0]["token_ids"]
+
+
 def vllm_load_seconds(logs: Path, replica: str) -> list[float]:
     """vLLM's own 'Loading weights took' per worker, from the engine core's log."""
     text = (logs / f"engine-core-{replica}.log").read_text()
@@ -107,11 +116,13 @@ def vllm_own_run(model: Path, out: Path, memory: HostMemory) -> dict:
     log("vLLM's own loader, PTP=2, page cache dropped")
     baseline = memory.reset()
     started = time.perf_counter()
-    driver, _ = start_driver(1, out / "seedcase-vllm.log", {**ORIGINAL_ENV, **ENGINE_ENV, "MODEL_PATH": str(model),
-                                                            "YRLLM_WEIGHTS__ENABLED": "false"}, flags=[])
+    driver, url = start_driver(1, out / "seedcase-vllm.log", {**ORIGINAL_ENV, **ENGINE_ENV,
+                                                              "MODEL_PATH": str(model),
+                                                              "YRLLM_WEIGHTS__ENABLED": "false"}, flags=[])
     try:
         result = {"ready_s": round(time.perf_counter() - started, 2), "peak_bytes": memory.peak - baseline,
-                  "load_s": vllm_load_seconds(logs_dir(out / "seedcase-vllm.log"), "r1")}
+                  "load_s": vllm_load_seconds(logs_dir(out / "seedcase-vllm.log"), "r1"),
+                  "tokens": greedy_tokens(url, model)}
     finally:
         stop_driver(driver)
     return result
@@ -152,6 +163,7 @@ def app_run(model: Path, out: Path, memory: HostMemory) -> dict:
         logs = logs_dir(out / "seedcase-app.log")
         result["seed_ranks"] = rank_reports(logs, "r1")
         result["seed_vllm_load_s"] = vllm_load_seconds(logs, "r1")
+        result["seed_tokens"] = greedy_tokens(url, model)
         wait_until_quiet()
         log("POST /scaleout")
         started = time.perf_counter()
@@ -168,6 +180,8 @@ def app_run(model: Path, out: Path, memory: HostMemory) -> dict:
         wait_until_quiet()
         status = json.loads(http_call(url, "/status")[1])
         result["footprint"] = status["footprint"]
+        replica_urls = {row["replica_id"]: row["url"] for row in status["replicas"]}
+        result["mapped_tokens"] = greedy_tokens(replica_urls[added["replica_id"]], model)
         log("a pull of 2 GB of rank 0's tensors, for the extrapolation")
         result["pull"] = pull_sample(ds_address(driver), model)
     finally:
@@ -195,7 +209,8 @@ def summarise(results: dict) -> str:
     seed_extra = app["peak_bytes"] - own["peak_bytes"]
     met = {"map": map_s <= MAP_TARGET_S, "map_ratio": disk_s / map_s >= MAP_RATIO_TARGET,
            "first_token": app["scaleout_s"] <= FIRST_TOKEN_TARGET_S, "seed": seed_extra <= SEED_EXTRA_TARGET * weights,
-           "pss": weights_pss <= PSS_TARGET * weights, "oom": results["oom_kills"] == 0 and not results["swap_bytes"]}
+           "pss": weights_pss <= PSS_TARGET * weights, "oom": results["oom_kills"] == 0 and not results["swap_bytes"],
+           "tokens": own["tokens"] == app["seed_tokens"] == app["mapped_tokens"]}
     c = results["conditions"]
     lines = [
         f"Host: {host_line(c)}. {c['date']}. The Qwen2.5-7B shape (the demo builder's random weights, bf16, "
@@ -205,7 +220,8 @@ def summarise(results: dict) -> str:
         f"files dropped from the page cache before each run; one run each, nothing else running. The "
         f"original case: Ascend, weights in NPU memory, its own write-up.", "",
         "| step | the original case (Ascend, NPU memory) | here (CPU, host shared memory) |", "|---|---|---|",
-        f"| load from disk, vLLM's own safetensors loader, per rank (both ranks in parallel) | {ORIGINAL['disk_s']} s | "
+        f"| load from disk, vLLM's own safetensors loader, per rank (both ranks in parallel) | "
+        f"{ORIGINAL['disk_s']} s | "
         + " / ".join(f"{s:.2f} s" for s in own["load_s"]) + " |",
         f"| a new replica takes the weights from the data system, per rank | {ORIGINAL['data_system_s']} s (pull) | "
         + " / ".join(f"{r['seconds']:.3f} s" for r in mapped) + " (map) |",
@@ -225,7 +241,8 @@ def summarise(results: dict) -> str:
                      f"{move.get('remap_seconds', 0):.3f} s | {added / 1e6:.0f} MB |")
     lines += ["", "| measure | value | target | met |", "|---|---|---|---|",
               f"| map, slowest rank | {map_s:.3f} s | ≤ {MAP_TARGET_S} s | {_met(met['map'])} |",
-              f"| cold disk load / map | {disk_s / map_s:.0f}x | ≥ {MAP_RATIO_TARGET:.0f}x | {_met(met['map_ratio'])} |",
+              f"| cold disk load / map | {disk_s / map_s:.0f}x | ≥ {MAP_RATIO_TARGET:.0f}x | "
+              f"{_met(met['map_ratio'])} |",
               f"| `POST /scaleout` until it answered (the new replica ready, its first token checked) | "
               f"{app['scaleout_s']:.2f} s | ≤ {FIRST_TOKEN_TARGET_S} s | {_met(met['first_token'])} |",
               f"| host peak (AnonPages + Shmem) while the seed loads and publishes, beyond vLLM's own run's peak "
@@ -235,7 +252,10 @@ def summarise(results: dict) -> str:
               f"{_gb(weights_pss)} = {weights_pss / weights:.3f}x one copy of the weights | "
               f"≤ {PSS_TARGET}x | {_met(met['pss'])} |",
               f"| OOM kills (/proc/vmstat oom_kill, over the benchmark), swap | {results['oom_kills']}, "
-              f"{_gb(results['swap_bytes'])} of swap | none | {_met(met['oom'])} |", "",
+              f"{_gb(results['swap_bytes'])} of swap | none | {_met(met['oom'])} |",
+              f"| greedy tokens of `{GREEDY['prompt']}` ({GREEDY['max_tokens']}): vLLM's own load, the seed (moved), "
+              f"the new replica (mapped) | {own['tokens']}, {app['seed_tokens']}, {app['mapped_tokens']} | "
+              f"all equal | {_met(met['tokens'])} |", "",
               "Where the time after `POST /scaleout` went (seconds since the App took the request): "
               + ", ".join(f"{mark} +{at:.2f}" for mark, at in timeline.items()) + ".", "",
               f"The whole App with two replicas: PSS {_gb(footprint['pss_bytes'])} (processes "

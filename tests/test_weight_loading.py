@@ -3,6 +3,8 @@ against a real data system worker, on small torch models: no vLLM engine needed.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -217,5 +219,37 @@ def test_a_failed_move_loses_no_weights_leaves_nothing_mappable_and_a_tombstone(
             fetch(tier, keys, model)
         with pytest.raises(TierError, match="seed replica r1 failed"):
             rendezvous.await_seed(tier, keys, "r1", timeout_s=5)
+    finally:
+        worker.stop()
+
+
+def test_a_seeds_moved_weights_survive_a_restart_of_its_worker():
+    """The seed computes on the bytes it published. If the worker dies and a fresh one takes its place,
+    the client reconnects and maps the new worker's memory: the seed's parameters must keep theirs (a
+    created buffer's writable view did not: it showed the new worker's bytes)."""
+    worker = DataSystemWorker(128)
+    worker.start()
+    try:
+        tier = HostTier(worker.address, timeout_ms=3000)
+        torch.manual_seed(1)
+        model = nn.Sequential(*[nn.Linear(2048, 3072, bias=False) for _ in range(2)]).requires_grad_(False)
+        expected = [p.clone() for p in model.parameters()]
+        params, keys = loader._tensors(model), WeightKeys("c3" * 16, RankLayout())
+        seeding.move_into(tier, keys.tensors(len(params)), params, seeding.Moved())
+        os.kill(worker.pid, signal.SIGKILL)
+        while worker.exit_code() is None:
+            time.sleep(0.05)
+        worker.restart()
+        deadline = time.monotonic() + 20
+        while True:  # the client's first calls after the restart may fail while it reconnects
+            try:
+                tier.put([("filler", memoryview(b"\xff" * (96 << 20)))])
+                break
+            except TierError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        for (name, param), before in zip(params, expected):
+            assert torch.equal(param, before), name
     finally:
         worker.stop()

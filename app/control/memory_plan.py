@@ -96,7 +96,8 @@ class MemoryPlan(BaseModel):
                 f"kv.capacity_gb or engine.kv_cache_gib, or use a host with more memory")
 
     def summary(self) -> str:
-        return (f"weights {self.weights_bytes / GB:.2f} GB x {self.copies}, KV blocks {self.kv_capacity_bytes / GB:.2f} GB; "
+        return (f"weights {self.weights_bytes / GB:.2f} GB x {self.copies}, "
+                f"KV blocks {self.kv_capacity_bytes / GB:.2f} GB; "
                 f"data system {self.shared_memory_mb} MB per worker; App needs {self.needed_bytes / GB:.2f} GB "
                 f"of {self.available_bytes / GB:.2f} GB available")
 

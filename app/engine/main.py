@@ -31,8 +31,14 @@ from pathlib import Path
 from app.engine.launch_report import Launcher, LaunchReport, WorkersReport
 from app.engine.launcher import external_engine_args, fork_core, fork_support, threads_running, watch_core
 from app.engine.order import EngineOrder
-from app.engine.preimports import (CACHE_DIR_ENV, HEALTH_URL_ENV, WARM_COMPILER_ENV, preimport,
-                                   record_when_serving, warm_compiler)
+from app.engine.preimports import (
+    CACHE_DIR_ENV,
+    HEALTH_URL_ENV,
+    WARM_COMPILER_ENV,
+    preimport,
+    record_when_serving,
+    warm_compiler,
+)
 from app.files import write_atomically
 from app.runtime.processes import child_environment, end_group_with, free_port
 

@@ -129,13 +129,13 @@ class WeightCache:
                     fetcher, await_fetch_s = copy.by, self._await_seed_s
             self._planned[replica_id] = entry
         how = kind.value + (f" after fetching from {fetch_from}" if fetch_from else "")
-        waits = f" (awaiting the seed {seed_replica})" if seed_replica else f" (awaiting {fetcher}'s fetch)" if fetcher else ""
+        waits = (f" (awaiting the seed {seed_replica})" if seed_replica
+                 else f" (awaiting {fetcher}'s fetch)" if fetcher else "")
         logger.info("weight plan for %s on %s: %s%s", replica_id, node.name, how, waits)
         return WeightPlan(kind=kind, replica_id=replica_id, fingerprint=fingerprint, tier=self._tier_name,
                           node=node.name, ds_address=node.ds_address, fetch_from=fetch_from, verify=self._verify,
                           timeout_ms=self._timeout_ms, seed_replica=seed_replica, await_seed_s=await_seed_s,
-                          await_fetch_s=await_fetch_s,
-                          fetcher=fetcher, report_path=report_path)
+                          await_fetch_s=await_fetch_s, fetcher=fetcher, report_path=report_path)
 
     def report(self, report: LoadReport) -> str | None:
         """Record how a planned replica's load went. Returns why the entry was retired, if this report

@@ -12,8 +12,9 @@ parameter is re-pointed at the published bytes before the next one starts. The r
 once, plus one chunk.
 
 Objects are created and sealed in batches of ``_BATCH_BYTES``; the manifest comes last (``commit``).
-Whatever fails, no parameter loses a byte: each is still private, or points at the published bytes it
-was copied into, sealed or not (the views pin that memory, even after the keys are deleted).
+Whatever fails, no parameter loses a byte: each is private, or points at a read-only view of a sealed
+object (which pins its memory, even after the key is deleted or the worker dies); the batch in flight
+goes back to private memory, checked against its digests.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ctypes
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,20 +73,35 @@ class Moved:
 
 def move_into(tier: HostTier, keys: list[str], params: list[tuple[str, torch.Tensor]], moved: Moved) -> None:
     """Publish ``params`` under ``keys`` (one each), re-pointing every parameter at its published bytes.
-    Raises TierError; ``moved`` then holds what moved before the failure."""
+    Raises TierError; ``moved`` then holds the parameters of the batches sealed before the failure, and
+    the failed batch's parameters are private again.
+
+    Once its batch is sealed, a parameter is re-pointed at a read-only view of its object (``get``): only
+    those hold the client's mapping of the worker's memory. A created buffer's writable view does not:
+    if the worker dies and the client reconnects to its successor, the same addresses show the new
+    worker's memory (measured; the engine crashed or read other objects' bytes as weights)."""
     sizes = [param.nbytes for _, param in params]
     index = 0
     for batch_keys, _ in batches_by_bytes(keys, sizes, _BATCH_BYTES):
-        created = tier.create(batch_keys, sizes[index:index + len(batch_keys)])
-        for _, view in created:
-            name, param = params[index]
-            _move(param, view, moved)
+        created, first = tier.create(batch_keys, sizes[index:index + len(batch_keys)]), index
+        try:
+            for _, view in created:
+                name, param = params[index]
+                _move(param, view, moved)
+                moved.entries.append(TensorEntry(name=name, shape=tuple(param.shape), dtype=str(param.dtype),
+                                                 nbytes=len(view), full=full_digest(view),
+                                                 sampled=sampled_digest(view)))
+                index += 1
+            tier.seal(created)
+            readable = tier.get(batch_keys)
+        except TierError:
+            _take_back(params[first:index], moved.entries[first:], moved)
+            del moved.entries[first:]
+            raise
+        for (name, param), view in zip(params[first:index], readable):
+            _point(param, view, moved)
             moved.names.append(name)
             moved.views.append(view)
-            moved.entries.append(TensorEntry(name=name, shape=tuple(param.shape), dtype=str(param.dtype),
-                                             nbytes=len(view), full=full_digest(view), sampled=sampled_digest(view)))
-            index += 1
-        tier.seal(created)
 
 
 def _move(param: torch.Tensor, view: memoryview, moved: Moved) -> None:
@@ -101,9 +118,30 @@ def _move(param: torch.Tensor, view: memoryview, moved: Moved) -> None:
         if releasable:
             released = _release(released, (address + end) // _PAGE * _PAGE)
     del source
+    _point(param, view, moved)
+
+
+def _take_back(params: list[tuple[str, torch.Tensor]], entries: list[TensorEntry], moved: Moved) -> None:
+    """The failed batch's parameters (at most one batch) into private memory again, checked against the
+    digests taken as they were copied: if the worker died and the client already mapped its successor's
+    memory at the same addresses, their bytes are gone, and this engine must not serve."""
+    for (name, param), entry in zip(params, entries):
+        private = param.data.clone()
+        if full_digest(memoryview(private.view(-1).view(torch.uint8).numpy())) != entry.full:
+            raise RuntimeError(f"{name} was lost with the data system worker while the seed published it: "
+                               f"this engine cannot serve (the replica is replaced)")
+        _point(param, private, moved)
+
+
+def _point(param: torch.Tensor, memory: memoryview | torch.Tensor, moved: Moved) -> None:
+    """Make ``param`` use ``memory`` (a view of published bytes, or a private tensor of its own)."""
     started = time.perf_counter()
+    if isinstance(memory, memoryview):
+        with warnings.catch_warnings():  # read-only views by contract: weights are never written
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            memory = torch.frombuffer(memory, dtype=torch.uint8).view(param.dtype).view(param.shape)
     with torch.no_grad():
-        param.data = torch.frombuffer(view, dtype=torch.uint8).view(param.dtype).view(param.shape)
+        param.data = memory
     moved.remap_seconds += time.perf_counter() - started
 
 
