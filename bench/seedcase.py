@@ -128,11 +128,12 @@ def vllm_own_run(model: Path, out: Path, memory: HostMemory) -> dict:
     return result
 
 
-def pull_sample(address: str, model: Path) -> dict:
+def pull_sample(address: str, model: Path, cache: Path) -> dict:
     """Copy up to PULL_SAMPLE_BYTES of rank 0's published tensors into fresh tensors, as a pulling
-    replica does (``loader._pull``): its rate, for the extrapolation."""
-    identity = WeightIdentity(content=content_digest(model, Path.home() / ".cache" / "yrllm" / "digests.json"),
-                              dtype="auto", quantization=None, vllm_version=installed_vllm_version(), tp_size=2)
+    replica does (``loader._pull``): its rate, for the extrapolation. The entry's identity is the App's
+    for this run (engine.dtype left at auto, PTP=2)."""
+    identity = WeightIdentity(content=content_digest(model, cache / "digests.json"), dtype="auto",
+                              quantization=None, vllm_version=installed_vllm_version(), tp_size=2)
     keys, tier = WeightKeys(identity.fingerprint, RankLayout(tp_rank=0, tp_size=2)), HostTier(address)
     manifest = Manifest.model_validate_json(bytes(tier.get([keys.manifest])[0]))
     count, total = 0, 0
@@ -150,7 +151,7 @@ def pull_sample(address: str, model: Path) -> dict:
             "rank_seconds": round(seconds * sum(e.nbytes for e in manifest.tensors) / total, 2)}
 
 
-def app_run(model: Path, out: Path, memory: HostMemory) -> dict:
+def app_run(model: Path, cache: Path, out: Path, memory: HostMemory) -> dict:
     evict(model)
     wait_until_quiet()
     log("the App as the original case runs it: PTP=2, MODEL_PATH, SERVER_PORT; page cache dropped")
@@ -183,7 +184,7 @@ def app_run(model: Path, out: Path, memory: HostMemory) -> dict:
         replica_urls = {row["replica_id"]: row["url"] for row in status["replicas"]}
         result["mapped_tokens"] = greedy_tokens(replica_urls[added["replica_id"]], model)
         log("a pull of 2 GB of rank 0's tensors, for the extrapolation")
-        result["pull"] = pull_sample(ds_address(driver), model)
+        result["pull"] = pull_sample(ds_address(driver), model, cache)
     finally:
         stop_driver(driver)
     return result
@@ -286,7 +287,7 @@ def main() -> None:
     oom_before, memory = vmstat("oom_kill"), HostMemory()
     try:
         results["vllm_own"] = vllm_own_run(model, args.out, memory)
-        results["app"] = app_run(model, args.out, memory)
+        results["app"] = app_run(model, args.cache, args.out, memory)
     finally:
         memory.close()
     results["oom_kills"] = vmstat("oom_kill") - oom_before

@@ -106,8 +106,10 @@ def move_into(tier: HostTier, keys: list[str], params: list[tuple[str, torch.Ten
 
 def _move(param: torch.Tensor, view: memoryview, moved: Moved) -> None:
     data = param.data
-    # Only a parameter that is its storage's sole, whole, contiguous user may lose pages early; any
-    # other is copied and freed as a whole when the parameter lets go of it.
+    # Only a parameter that spans its whole storage, contiguously, may lose pages early; any other is
+    # copied and freed as a whole when the parameter lets go of it. Such a storage is taken to be the
+    # parameter's own: an alias kept elsewhere would read zeros (torch counts no users reliably). vLLM's
+    # models keep none: make seedcase checks the 7B's greedy tokens against vLLM's own load.
     releasable = data.is_contiguous() and data.storage_offset() == 0 and data.untyped_storage().nbytes() == data.nbytes
     source = memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())
     address, released = data.data_ptr(), -(-data.data_ptr() // _PAGE) * _PAGE  # whole pages only
