@@ -70,7 +70,9 @@ class EngineConfig(_Section):
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight and activation dtype. float32 is fastest on CPUs without AVX-512 BF16.")
-    max_model_len: int | None = Field(None, gt=0, description="Context length; the model's own if unset.")
+    max_model_len: int | None = Field(None, gt=0, description="Context length. Unset: the model's own, or "
+                                      "less if one request of that length does not fit in kv_cache_gib (vLLM's "
+                                      "'auto').")
     kv_cache_gib: float = Field(0.25, gt=0, description="CPU KV cache per engine in GiB; fractions are "
                                 "fine (passed as --kv-cache-memory-bytes). 0.25 GiB holds about 21k "
                                 "tokens of the 0.5B shape and allocates in ~0.1 s. VLLM_CPU_KVCACHE_SPACE "

@@ -42,8 +42,6 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The original case's environment (its deployment block), the model and port set per run.
 ORIGINAL_ENV = {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "0", "PTP": "2", "DTP": "0", "PDP": "1", "DDP": "0",
                 "USING_PREFIX_CONNECTOR": "1", "VLLM_USE_V1": "1", "SERVER_IP": "127.0.0.1"}
-#: 4096 tokens of context: the KV cache of two 7B replicas then fits beside the weights on 24 GB.
-ENGINE_ENV = {"YRLLM_ENGINE__MAX_MODEL_LEN": "4096"}
 #: The original case's figures (Ascend 910B, weights in NPU memory, its own write-up in ../shared/seed).
 ORIGINAL = {"disk_s": 15.8, "data_system_s": 1.5}
 #: Targets of the issue.
@@ -116,8 +114,7 @@ def vllm_own_run(model: Path, out: Path, memory: HostMemory) -> dict:
     log("vLLM's own loader, PTP=2, page cache dropped")
     baseline = memory.reset()
     started = time.perf_counter()
-    driver, url = start_driver(1, out / "seedcase-vllm.log", {**ORIGINAL_ENV, **ENGINE_ENV,
-                                                              "MODEL_PATH": str(model),
+    driver, url = start_driver(1, out / "seedcase-vllm.log", {**ORIGINAL_ENV, "MODEL_PATH": str(model),
                                                               "YRLLM_WEIGHTS__ENABLED": "false"}, flags=[])
     try:
         result = {"ready_s": round(time.perf_counter() - started, 2), "peak_bytes": memory.peak - baseline,
@@ -157,7 +154,7 @@ def app_run(model: Path, cache: Path, out: Path, memory: HostMemory) -> dict:
     log("the App as the original case runs it: PTP=2, MODEL_PATH, SERVER_PORT; page cache dropped")
     baseline, port = memory.reset(), free_port()
     started = time.perf_counter()
-    driver, url = start_driver(1, out / "seedcase-app.log", {**ORIGINAL_ENV, **ENGINE_ENV, "MODEL_PATH": str(model),
+    driver, url = start_driver(1, out / "seedcase-app.log", {**ORIGINAL_ENV, "MODEL_PATH": str(model),
                                                              "SERVER_PORT": str(port)}, flags=[])
     try:
         result: dict = {"ready_s": round(time.perf_counter() - started, 2), "peak_bytes": memory.peak - baseline}
@@ -216,8 +213,9 @@ def summarise(results: dict) -> str:
     lines = [
         f"Host: {host_line(c)}. {c['date']}. The Qwen2.5-7B shape (the demo builder's random weights, bf16, "
         f"{_gb(weights)} in {results['files']} safetensors files), `PTP=2`, deployed with the original case's "
-        f"environment (`PREFILL_INS_NUM=1 DECODE_INS_NUM=0 PTP=2 MODEL_PATH=... SERVER_PORT=...`, plus "
-        f"`YRLLM_ENGINE__MAX_MODEL_LEN=4096`), `python entrypoint.py`, then `POST /scaleout`. The model's "
+        f"environment as it is (`PREFILL_INS_NUM=1 DECODE_INS_NUM=0 PTP=2 MODEL_PATH=... SERVER_PORT=...`; "
+        f"nothing else set: 0.25 GiB of KV cache per rank, the context auto-fitted to it, 9,216 tokens), "
+        f"`python entrypoint.py`, then `POST /scaleout`. The model's "
         f"files dropped from the page cache before each run; one run each, nothing else running. The "
         f"original case: Ascend, weights in NPU memory, its own write-up.", "",
         "| step | the original case (Ascend, NPU memory) | here (CPU, host shared memory) |", "|---|---|---|",

@@ -82,8 +82,9 @@ class EngineSpec(BaseModel):
                 "--tensor-parallel-size", str(self.tensor_parallel), "--distributed-executor-backend", executor,
                 "--load-format", self.load_format, "--disable-uvicorn-access-log",
                 "--kv-cache-memory-bytes", str(int(self.kv_cache_gib * 2**30))]
-        if self.max_model_len:
-            args += ["--max-model-len", str(self.max_model_len)]
+        # Unset: vLLM's "auto", the model's own length or the longest one request can have in the KV
+        # cache (the 7B shape's 32k tokens need 0.88 GiB per rank; 0.25 GiB holds 9k).
+        args += ["--max-model-len", str(self.max_model_len or "auto")]
         if self.enforce_eager:
             args.append("--enforce-eager")
         if self.loader_extra_config:
