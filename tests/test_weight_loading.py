@@ -111,6 +111,8 @@ def test_awaiting_a_seed_returns_when_it_publishes_and_stops_when_it_fails(tier)
     with pytest.raises(TierError, match="seed replica s1 failed"):
         rendezvous.await_seed(tier, failed, "s1", timeout_s=30)
     assert time.monotonic() - started < 5
+    with pytest.raises(TierError, match="did not publish"):  # s1's tombstone is not the next seed's
+        rendezvous.await_seed(tier, failed, "s2", timeout_s=0.3)
     with pytest.raises(TierError, match="did not publish"):
         rendezvous.await_seed(tier, WeightKeys("a8" * 16, RankLayout()), "s1", timeout_s=0.3)
 
