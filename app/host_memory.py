@@ -5,13 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def meminfo() -> dict[str, int]:
+    """``/proc/meminfo``, in bytes (``AnonPages``, ``Shmem``, ``SwapFree``...)."""
+    fields = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, _, value = line.partition(":")
+        fields[name] = int(value.split()[0]) * (1024 if value.strip().endswith("kB") else 1)
+    return fields
+
+
 def mem_available() -> int:
     """Bytes the kernel can hand out without swapping (``MemAvailable``: free memory plus the page cache
     and other memory it can reclaim)."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/meminfo has no MemAvailable")
+    return meminfo()["MemAvailable"]
 
 
 def require_available(needed: int, what: str) -> None:

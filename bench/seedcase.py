@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from app.control.demo_model import DemoShape, demo_model_dir
+from app.host_memory import meminfo
 from app.runtime.processes import free_port
 from app.weights.host_tier import HostTier
 from app.weights.identity import RankLayout, WeightIdentity, WeightKeys, content_digest, installed_vllm_version
@@ -62,8 +63,8 @@ class HostMemory:
 
     @staticmethod
     def now() -> int:
-        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        return sum(int(fields[name].split()[0]) * 1024 for name in ("AnonPages", "Shmem"))
+        fields = meminfo()
+        return fields["AnonPages"] + fields["Shmem"]
 
     def reset(self) -> int:
         """Start a new phase; returns the memory in use now (the phase's baseline)."""
@@ -289,8 +290,8 @@ def main() -> None:
     finally:
         memory.close()
     results["oom_kills"] = vmstat("oom_kill") - oom_before
-    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    results["swap_bytes"] = (int(meminfo["SwapTotal"].split()[0]) - int(meminfo["SwapFree"].split()[0])) * 1024
+    memory_now = meminfo()
+    results["swap_bytes"] = memory_now["SwapTotal"] - memory_now["SwapFree"]
     (args.out / "seedcase.json").write_text(json.dumps(results, indent=1))
     write_section(args.out, "seedcase", "The original case's 7B", summarise(results), publish=not args.no_publish)
 

@@ -7,6 +7,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +32,17 @@ FP32 = SimpleNamespace(dtype=torch.float32)
 @pytest.fixture(scope="module")
 def tier(ds_worker):
     return HostTier(ds_worker.address, timeout_ms=3000)
+
+
+@contextmanager
+def own_worker(shared_memory_mb: int, timeout_ms: int = 3000) -> Iterator[tuple[DataSystemWorker, HostTier]]:
+    """A data system worker of the test's own (to fill, stop or restart), and a client of it."""
+    worker = DataSystemWorker(shared_memory_mb)
+    worker.start()
+    try:
+        yield worker, HostTier(worker.address, timeout_ms=timeout_ms)
+    finally:
+        worker.stop()
 
 
 def small_model(seed: int) -> nn.Module:
@@ -142,13 +155,8 @@ def test_awaiting_a_nodes_fetch_returns_when_it_lands_and_stops_when_it_fails_or
 
 
 def test_a_stopped_worker_fails_fast_instead_of_hanging():
-    worker = DataSystemWorker(128)
-    worker.start()
-    try:
-        tier = HostTier(worker.address, timeout_ms=2000)
+    with own_worker(128, timeout_ms=2000) as (_, tier):
         _, keys = publish(tier, "a9" * 16)
-    finally:
-        worker.stop()
     started = time.monotonic()
     with pytest.raises(TierError):
         fetch(tier, keys, small_model(1))
@@ -196,46 +204,45 @@ def test_a_seed_moves_a_05b_model_into_shared_memory_holding_its_weights_once(ti
         del model, params
 
 
+def linears(count: int, seed: int) -> tuple[nn.Module, list[torch.Tensor]]:
+    """``count`` weights of 24 MiB each (one batch each when batches are 24 MiB), and copies of them."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(*[nn.Linear(2048, 3072, bias=False) for _ in range(count)]).requires_grad_(False)
+    return model, [p.clone() for p in model.parameters()]
+
+
+def assert_unchanged(params: list[tuple[str, torch.Tensor]], expected: list[torch.Tensor]) -> None:
+    for (name, param), before in zip(params, expected):
+        assert torch.equal(param, before), name
+
+
 def test_a_failed_move_loses_no_weights_leaves_nothing_mappable_and_a_tombstone(monkeypatch):
     """The data system fills up mid-publish: the seed keeps every parameter's bytes (moved or not),
     no key of the entry is left, and replicas awaiting it are told at once."""
     monkeypatch.setattr(seeding, "_BATCH_BYTES", 24 << 20)  # one tensor per batch: it fails mid-way
-    worker = DataSystemWorker(64)
-    worker.start()
-    try:
-        tier = HostTier(worker.address, timeout_ms=3000)
-        torch.manual_seed(0)
-        model = nn.Sequential(*[nn.Linear(2048, 3072, bias=False) for _ in range(4)]).requires_grad_(False)
-        expected = [p.clone() for p in model.parameters()]
+    with own_worker(64) as (_, tier):
+        model, expected = linears(4, seed=0)
         params, keys = loader._tensors(model), WeightKeys("c2" * 16, RankLayout())
         moved = seeding.Moved()
         with pytest.raises(TierError, match="no space|Out of memory|failed"):
             seeding.move_into(tier, keys.tensors(len(params)), params, moved)
         assert 0 < len(moved.names) < len(params), "the move should fail mid-way"
         seeding.abandon(tier, keys, len(params), "r1")
-        for (name, param), before in zip(params, expected):
-            assert torch.equal(param, before), name
+        assert_unchanged(params, expected)
         assert tier.exists([keys.manifest, *keys.tensors(len(params))]) == [False] * (len(params) + 1)
         assert tier.exists([keys.abandoned("r1")]) == [True]
         with pytest.raises(TierError):
             fetch(tier, keys, model)
         with pytest.raises(TierError, match="seed replica r1 failed"):
             rendezvous.await_seed(tier, keys, "r1", timeout_s=5)
-    finally:
-        worker.stop()
 
 
 def test_a_seeds_moved_weights_survive_a_restart_of_its_worker():
     """The seed computes on the bytes it published. If the worker dies and a fresh one takes its place,
     the client reconnects and maps the new worker's memory: the seed's parameters must keep theirs (a
     created buffer's writable view did not: it showed the new worker's bytes)."""
-    worker = DataSystemWorker(128)
-    worker.start()
-    try:
-        tier = HostTier(worker.address, timeout_ms=3000)
-        torch.manual_seed(1)
-        model = nn.Sequential(*[nn.Linear(2048, 3072, bias=False) for _ in range(2)]).requires_grad_(False)
-        expected = [p.clone() for p in model.parameters()]
+    with own_worker(128) as (worker, tier):
+        model, expected = linears(2, seed=1)
         params, keys = loader._tensors(model), WeightKeys("c3" * 16, RankLayout())
         seeding.move_into(tier, keys.tensors(len(params)), params, seeding.Moved())
         os.kill(worker.pid, signal.SIGKILL)
@@ -251,7 +258,4 @@ def test_a_seeds_moved_weights_survive_a_restart_of_its_worker():
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
-        for (name, param), before in zip(params, expected):
-            assert torch.equal(param, before), name
-    finally:
-        worker.stop()
+        assert_unchanged(params, expected)

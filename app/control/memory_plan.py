@@ -8,8 +8,8 @@ own processes. If it cannot, start-up fails now, with the numbers, instead of a 
 half way through loading the weights.
 
 The weights' bytes come from the checkpoint's safetensors headers (a few KB read per file), in the
-dtype the engines serve. The allowances for vLLM and the App are estimates measured on this project's
-machine kind (BENCHMARKS.md, "The original case's 7B"); they are deliberately round.
+dtype the engines serve. The allowances for vLLM and the App are round upper bounds of what the App's
+footprint measured on this project's machine kind (``make seedcase``, the 7B shape at PTP=2).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from app.host_memory import mem_available
 GB = 1_000_000_000
 MB = 1 << 20
 # vLLM's own memory per engine rank beyond its weights and KV cache (activations, the process, the
-# torch and vLLM it imported).
+# torch and vLLM it imported): a replica of two ranks with 0.25 GiB of KV cache each held 1.49-1.53 GB
+# PSS, about 0.5 GB per rank beyond its KV cache, doubled here.
 ENGINE_RANK_BYTES = 1 * GB
-# The driver and Router, the zygote, each data system worker.
+# The driver and Router with the zygote (0.41 GB PSS in the same run), each data system worker (0.23 GB).
 APP_BYTES, WORKER_BYTES = 1 * GB, GB // 4
 # A worker stores objects in only 83-90% of its size (measured, data system 0.8.1: 100 MiB objects
 # filled 1,700 of 2,000 MiB and 7,100 of 8,000; 10 MiB ones 1,660 of 2,000). A size planned here adds
@@ -61,7 +62,7 @@ class MemoryPlan(BaseModel):
         """Each worker's shared memory: the configured size, or what the weights and KV need."""
         if self.configured_shared_memory_mb is not None:
             return self.configured_shared_memory_mb
-        return -(-int(self._stored / USABLE_FRACTION + HEADROOM_BYTES) // MB)
+        return _mb(self._stored / USABLE_FRACTION + HEADROOM_BYTES)
 
     @computed_field
     @property
@@ -81,7 +82,7 @@ class MemoryPlan(BaseModel):
             raise HostMemoryError(
                 f"runtime.ds_shared_memory_mb={self.configured_shared_memory_mb} cannot hold {weights} and the KV "
                 f"blocks ({self.kv_capacity_bytes / GB:.2f} GB, kv.capacity_gb): a worker stores objects in "
-                f"{USABLE_FRACTION:.0%} of its size, so it needs {-(-int(self._stored / USABLE_FRACTION) // MB)} MB. "
+                f"{USABLE_FRACTION:.0%} of its size, so it needs {_mb(self._stored / USABLE_FRACTION)} MB. "
                 f"Raise it, or unset it to size it from the model")
         if self.needed_bytes > self.available_bytes:
             raise HostMemoryError(
@@ -125,6 +126,11 @@ def plan_memory(config: AppConfig, model_dir: Path, available_bytes: int | None 
         configured_shared_memory_mb=config.runtime.ds_shared_memory_mb)
     plan.check()
     return plan
+
+
+def _mb(nbytes: float) -> int:
+    """Whole MiB, rounded up."""
+    return -(-int(nbytes) // MB)
 
 
 def weight_bytes(model_dir: Path, dtype: str) -> int:
