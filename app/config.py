@@ -13,6 +13,7 @@ honoured too: ``YR_SERVER_ADDRESS`` and ``DS_WORKER_ADDR`` select cluster mode, 
 from __future__ import annotations
 
 from enum import Enum
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -224,6 +225,13 @@ class RuntimeMode(str, Enum):
     CLUSTER = "cluster"  # an existing openYuanrong cluster and its data system; the App starts nothing.
 
 
+class NodeNetworkMode(str, Enum):
+    """How simulated local nodes (runtime.local_nodes) are connected."""
+
+    LOOPBACK = "loopback"  # every worker on this host's loopback: one address, no link to shape or cut
+    NETNS = "netns"  # each node a network namespace with its own address, on a bridge (root and iproute2)
+
+
 class RuntimeConfig(_Section):
     """The openYuanrong runtime: embedded (local) or an existing cluster."""
 
@@ -249,6 +257,19 @@ class RuntimeConfig(_Section):
                              "weights across once, later ones map that node's copy. Each worker gets "
                              "ds_shared_memory_mb. For tests and benchmarks: a real cluster has a worker "
                              "per host (DS_WORKER_ADDR in each engine's environment).")
+    node_network: NodeNetworkMode = Field(NodeNetworkMode.LOOPBACK, description="Local mode: loopback "
+                                          "puts every node's worker on this host's loopback. netns makes each "
+                                          "node a network namespace with its own address on a bridge the App "
+                                          "creates (no route out, no NAT); its worker and its replicas' engines run "
+                                          "inside it, and the Router reaches them at that address. Needs root and "
+                                          "iproute2 (ip, tc). Everything it made is removed on stop, and what a "
+                                          "killed App left behind at the next start.")
+    node_subnet: IPv4Network = Field(IPv4Network("10.213.0.0/24"), description="netns: the private subnet of "
+                                     "the bridge (.1, in the driver's namespace) and the nodes (.11, .12, ...). "
+                                     "Refused at start if something here routes it already.")
+    link_gbps: float | None = Field(None, gt=0, description="netns: shape each node's link to this rate, both "
+                                    "ways (tc tbf, burst 256 kB; 94% of a 1 Gbit/s link measured usable). Unset: "
+                                    "unshaped.")
     ds_populate: bool = Field(False, description="Local mode: pre-fault each worker's shared memory at "
                               "start (with the allocator settings that requires). Writes into it then skip "
                               "first-touch page faults: for the 1.5B shape here a first fetch onto a node ran "
@@ -272,6 +293,11 @@ class RuntimeConfig(_Section):
         if self.resolved_mode is RuntimeMode.CLUSTER and not (self.server_address and self.ds_address):
             raise ValueError("cluster mode needs both runtime.server_address (YR_SERVER_ADDRESS) and "
                              "runtime.ds_address (DS_WORKER_ADDR)")
+        if self.node_network is NodeNetworkMode.LOOPBACK and self.link_gbps is not None:
+            raise ValueError("runtime.link_gbps shapes the links of runtime.node_network=netns; loopback has none")
+        if self.resolved_mode is RuntimeMode.CLUSTER and self.node_network is NodeNetworkMode.NETNS:
+            raise ValueError("runtime.node_network=netns is for local mode's simulated nodes; a cluster's nodes "
+                             "have networks of their own")
         if self.resolved_mode is RuntimeMode.CLUSTER and self.local_nodes != 1:
             raise ValueError("runtime.local_nodes is for local mode; a cluster's nodes are its hosts, each "
                              "with its own data system worker (DS_WORKER_ADDR)")

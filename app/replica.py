@@ -59,3 +59,5 @@ class Node(BaseModel):
 
     name: str  # node1, node2, ... in local mode; the worker's HOST:PORT in cluster mode
     ds_address: str
+    address: str | None = None  # runtime.node_network=netns: its own address, where its engines listen
+    netns: str | None = None  # runtime.node_network=netns: the network namespace its processes run in

@@ -100,7 +100,8 @@ class EngineHost:
                 raise RuntimeError(f"replica {self._spec.replica_id} is {self._state.value}, not pending")
             if plan is not None:
                 self._spec = self._spec.with_weights(plan)
-            port = self._spec.port or free_port(self._spec.host)
+            # A node's own namespace has nothing else listening: a port free here is free there.
+            port = self._spec.port or free_port("127.0.0.1" if self._spec.netns else self._spec.host)
             self._spec = self._spec.model_copy(update={"port": port})
             self._state = ReplicaState.LOADING
             self._process = ZYGOTES.engine_process(self._spec)

@@ -40,6 +40,7 @@ from app.engine.preimports import (
     warm_compiler,
 )
 from app.files import write_atomically
+from app.runtime.node_network import enter
 from app.runtime.processes import child_environment, end_group_with, free_port
 
 #: Printed once a process is prepared (imports done, heap frozen).
@@ -92,6 +93,8 @@ def serve(order: EngineOrder, prepared: Prepared) -> None:
 
     received = time.time()
     spec = order.spec
+    if spec.netns:  # first, while this process has one thread: setns moves only the calling thread
+        enter(spec.netns)
     cache_dir = Path(os.environ[CACHE_DIR_ENV]) if os.environ.get(CACHE_DIR_ENV) else None
     # The process was made with spec.environment() already; applied again for whoever runs us by hand.
     # Computed before the clear: it is this environment with the spec's changes.

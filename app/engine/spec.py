@@ -65,9 +65,16 @@ class EngineSpec(BaseModel):
                    cache_dir=config.demo_cache_dir / "engine")
 
     def on_node(self, node: Node) -> "EngineSpec":
-        """This spec on ``node``: its KV blocks go through that node's worker too."""
+        """This spec on ``node``: its KV blocks go through that node's worker too, and on a node with a
+        network namespace of its own the engine runs in it and listens at the node's address."""
         kv = self.kv_connector.model_copy(update={"ds_address": node.ds_address}) if self.kv_connector else None
-        return self.model_copy(update={"node": node, "kv_connector": kv})
+        where = {"host": node.address} if node.netns and node.address else {}
+        return self.model_copy(update={"node": node, "kv_connector": kv, **where})
+
+    @property
+    def netns(self) -> str | None:
+        """The network namespace the engine's processes run in (runtime.node_network=netns)."""
+        return self.node.netns if self.node else None
 
     def with_weights(self, plan: WeightPlan) -> "EngineSpec":
         """This spec loading its weights as ``plan`` says, with our load format."""

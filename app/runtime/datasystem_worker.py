@@ -32,9 +32,11 @@ class DataSystemWorker:
     """Start with ``start()``, stop with ``stop()`` (idempotent). The address is ``host:port``."""
 
     def __init__(self, shared_memory_mb: int, home: Path | None = None, host: str = "127.0.0.1",
-                 metastore: "DataSystemWorker | None" = None, flags: Mapping[str, str] | None = None) -> None:
+                 metastore: "DataSystemWorker | None" = None, flags: Mapping[str, str] | None = None,
+                 netns: str | None = None) -> None:
         """``metastore``: the worker whose metastore this one joins (started first); None runs the
-        metastore in this worker. ``flags``: further worker flags (``name: value``, without dashes)."""
+        metastore in this worker. ``flags``: further worker flags (``name: value``, without dashes).
+        ``netns``: the network namespace it runs in, where ``host`` is its address."""
         self._shared_memory_mb = shared_memory_mb
         self._owns_home = home is None
         self._home = home
@@ -44,6 +46,10 @@ class DataSystemWorker:
         self.metastore_address: str | None = None
         self._flags = dict(flags or {})
         self._process: ChildProcess | None = None
+        self._netns = netns
+        # Ports are picked here; in a fresh namespace of its own, where nothing else listens, any port
+        # free on this loopback is free there too.
+        self._port_host = "127.0.0.1" if netns else host
 
     @property
     def address(self) -> str:
@@ -60,9 +66,9 @@ class DataSystemWorker:
         return self._process.poll() if self._process else None
 
     def start(self, timeout_s: float = 60.0) -> str:
-        self.port = free_port(self.host)
+        self.port = free_port(self._port_host)
         if self._joins is None:
-            self.metastore_address = f"{self.host}:{free_port(self.host)}"
+            self.metastore_address = f"{self.host}:{free_port(self._port_host)}"
         elif self._joins.metastore_address is None:
             raise RuntimeError("the worker running the metastore must be started first")
         else:
@@ -107,8 +113,10 @@ class DataSystemWorker:
             **self._flags,
         }
         started = time.monotonic()
+        inside = ["ip", "netns", "exec", self._netns] if self._netns else []
         self._process = ChildProcess(
-            "data system worker", [str(package / "datasystem_worker"), *(f"--{k}={v}" for k, v in flags.items())],
+            "data system worker",
+            [*inside, str(package / "datasystem_worker"), *(f"--{k}={v}" for k, v in flags.items())],
             home / "worker.log", env={"LD_LIBRARY_PATH": str(package / "lib")}, cwd=home)
         while time.monotonic() - started < timeout_s:
             if self._process.poll() is not None:

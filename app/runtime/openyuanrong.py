@@ -8,9 +8,10 @@ import logging
 import threading
 import time
 
-from app.config import RuntimeConfig, RuntimeMode
+from app.config import ConfigError, NodeNetworkMode, RuntimeConfig, RuntimeMode
 from app.replica import Node
 from app.runtime.local_cluster import LocalCluster
+from app.runtime.node_network import NodeNetwork, NodeNetworkError, check_available
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ class Runtime:
         self._config = config
         self.mode = config.resolved_mode
         self._cluster: LocalCluster | None = None  # local mode: the App's own workers
+        self.network: NodeNetwork | None = None  # node_network=netns: the nodes' namespaces
         self._yr_started = False
         self.ds_address: str | None = config.ds_address  # the worker the App's own bookkeeping uses
         self.nodes: list[Node] = []  # local mode: the simulated nodes; cluster mode: the App's host
@@ -58,8 +60,15 @@ class Runtime:
             shared_memory_mb = shared_memory_mb or runtime.ds_shared_memory_mb
             if shared_memory_mb is None:
                 raise ValueError("local mode needs the workers' shared memory size (the App plans it)")
+            if runtime.node_network is NodeNetworkMode.NETNS:
+                try:
+                    check_available()
+                except NodeNetworkError as exc:
+                    raise ConfigError(str(exc)) from None
+                self.network = NodeNetwork(runtime.local_nodes, str(runtime.node_subnet), runtime.link_gbps)
+                self.network.create()
             self._cluster = LocalCluster(runtime.local_nodes, shared_memory_mb, runtime.ds_home,
-                                         runtime.ds_populate)
+                                         runtime.ds_populate, self.network)
             self.nodes = self._cluster.start(runtime.ds_start_timeout_s)
             self.ds_address = self._cluster.head.address
             config = yr.Config(local_mode=True)
@@ -95,4 +104,7 @@ class Runtime:
         if self._cluster is not None:
             self._cluster.stop()
             self._cluster = None
+        if self.network is not None:
+            self.network.remove()
+            self.network = None
 

@@ -7,9 +7,18 @@ seed's manifest), then maps or pulls. Exactly one cold load per identity, and th
 start-up overlaps the seed's load instead of queueing behind it.
 
 Entries know their copies per node (data system worker). The seed's node is the entry's *home*. The
-first replica on another node is planned to *fetch*: it reads the weights across through its own
-worker, which keeps a copy, and maps that. Replicas planned onto that node while it fetches await its
-copy (single-flight per node), and every later one maps the local copy: one transfer per node.
+first replica on another node is planned to *fetch*: it relays the node a copy of its own from a
+source node (``app.weights.relay``), and maps that. Replicas planned onto that node while it fetches
+await its copy (single-flight per node), and every later one maps the local copy: one transfer per node.
+
+Sources form chains, not a star: a new copy reads from the copy with the fewest relays reading from
+it now, the newest on a tie. Nodes that need the weights at once then line up home -> 2 -> 3 -> 4,
+each relaying batches on as they land, so no link carries more than one copy each way; nodes that
+come one after another read from the last one done. The plan names the chain back to the home, so a
+source that dies mid-relay costs its successor a switch to the one before it. Unreachable nodes
+(``set_reachable``) are no source; after a worker restarts or a node rejoins, ``revalidate`` checks
+every copy key by key (the data system can lose keys of other nodes then: REFERENCE.md) and drops
+what is incomplete, so a half copy is never mapped.
 
 The cache owns the entries, not the engines: host-tier objects in the data system outlive the engine
 that published them, so the seed replica can be scaled in and the cache stays. Entries are freed on
@@ -56,6 +65,7 @@ class CopyState(str, Enum):
 class NodeCopy:
     state: CopyState
     by: str  # the replica that seeds or fetches it
+    source: str | None = None  # the node it is relayed from; None for the home's
 
 
 @dataclass
@@ -99,6 +109,7 @@ class WeightCache:
         self._await_seed_s = await_seed_s
         self._entries: dict[str, CacheEntry] = {}
         self._planned: dict[str, CacheEntry] = {}  # replica id -> the entry it was planned on
+        self._unreachable: set[str] = set()  # nodes cut off: no source for a relay
         self._stats = CacheStats()
         self._lock = threading.Lock()
         self._tier: HostTier | None = None
@@ -106,6 +117,8 @@ class WeightCache:
     def plan(self, identity: WeightIdentity, replica_id: str, node: Node, report_path: Path) -> WeightPlan:
         fingerprint = identity.fingerprint
         fetch_from, fetcher, seed_replica, await_seed_s, await_fetch_s = None, None, None, 0.0, 0.0
+        fallbacks: list[str] = []
+        home, reason = node.name, None
         with self._lock:
             entry = self._entries.get(fingerprint)
             if entry is None:
@@ -114,26 +127,35 @@ class WeightCache:
                 self._stats.misses += 1
                 kind = PlanKind.SEED
             else:
-                self._stats.hits += 1
-                entry.readers.add(replica_id)
+                home = entry.home
                 # Device objects are pulled device to device; only host memory can be mapped.
                 kind = self._cpu_mode if self._tier_name == "host" else PlanKind.PULL
                 if entry.state is EntryState.SEEDING:
                     seed_replica, await_seed_s = entry.seed_replica, self._await_seed_s
                 copy = entry.copies.get(node.name)
                 if copy is None:  # the first replica on this node brings the copy
-                    entry.copies[node.name] = NodeCopy(CopyState.FETCHING, replica_id)
-                    entry.fetchers[replica_id] = node.name
-                    fetch_from = entry.home
+                    chain = self._chain_locked(entry, node.name)
+                    if chain:
+                        entry.copies[node.name] = NodeCopy(CopyState.FETCHING, replica_id, source=chain[0])
+                        entry.fetchers[replica_id] = node.name
+                        fetch_from, fallbacks = chain[0], chain[1:]
+                    else:  # no hit: nothing of this entry is planned for it
+                        kind, reason = PlanKind.DISK, "every copy of the weights is on an unreachable node"
+                        seed_replica, await_seed_s = None, 0.0
                 elif copy.state is CopyState.FETCHING:
                     fetcher, await_fetch_s = copy.by, self._await_seed_s
-            self._planned[replica_id] = entry
-        how = kind.value + (f" after fetching from {fetch_from}" if fetch_from else "")
+                if kind is not PlanKind.DISK:
+                    self._stats.hits += 1
+                    entry.readers.add(replica_id)
+            if kind is not PlanKind.DISK:
+                self._planned[replica_id] = entry
+        how = kind.value + (f" after relaying from {' then '.join([fetch_from, *fallbacks])}" if fetch_from else "")
         waits = (f" (awaiting the seed {seed_replica})" if seed_replica
                  else f" (awaiting {fetcher}'s fetch)" if fetcher else "")
         logger.info("weight plan for %s on %s: %s%s", replica_id, node.name, how, waits)
         return WeightPlan(kind=kind, replica_id=replica_id, fingerprint=fingerprint, tier=self._tier_name,
-                          node=node.name, ds_address=node.ds_address, fetch_from=fetch_from, verify=self._verify,
+                          node=node.name, ds_address=node.ds_address, fetch_from=fetch_from,
+                          fetch_fallbacks=fallbacks, home=home, reason=reason, verify=self._verify,
                           timeout_ms=self._timeout_ms, seed_replica=seed_replica, await_seed_s=await_seed_s,
                           await_fetch_s=await_fetch_s, fetcher=fetcher, report_path=report_path)
 
@@ -195,6 +217,8 @@ class WeightCache:
                 del entry.copies[name]
         if stalled:  # its node fetches again with the next replica; those waiting for it stop now
             self._mark_fetch_failed(entry, replica_id)
+            for name in stalled:  # what it relayed before it died
+                self._delete_copy(entry, name)
 
     def release(self, replica_id: str) -> None:
         """A replica stopped; the entry stays (the cache, not the replica, owns it)."""
@@ -236,7 +260,70 @@ class WeightCache:
             return {**self._stats.model_dump(), "entries": [
                 {"fingerprint": fp, "state": e.state.value, "seed_replica": e.seed_replica, "home": e.home,
                  "nodes": {name: copy.state.value for name, copy in e.copies.items()},
+                 "sources": {name: copy.source for name, copy in e.copies.items() if copy.source},
                  "readers": sorted(e.readers), "bytes": e.bytes} for fp, e in self._entries.items()]}
+
+    def set_reachable(self, node: str, reachable: bool) -> None:
+        """A node was cut off (its copies are no source until it is back) or is back (call
+        ``revalidate`` then: its copies may have lost keys meanwhile)."""
+        with self._lock:
+            if reachable:
+                self._unreachable.discard(node)
+            else:
+                self._unreachable.add(node)
+
+    def revalidate(self) -> list[str]:
+        """Check every ready copy key by key and drop what is incomplete: a node's copy goes (the next
+        replica there relays it again), an incomplete home copy takes its entry with it (the next
+        replica seeds again). After a worker restart or a node's rejoin the data system may have lost
+        keys of other nodes whose bytes it still holds. Returns what was dropped, as sentences."""
+        with self._lock:
+            checks = [(entry, name) for entry in self._entries.values() for name, copy in entry.copies.items()
+                      if copy.state is CopyState.READY and name not in self._unreachable]
+        dropped, doomed = [], []
+        for entry, name in checks:
+            missing = self._missing_keys(entry, name)
+            if not missing:
+                continue
+            fingerprint = entry.identity.fingerprint
+            with self._lock:
+                if self._entries.get(fingerprint) is not entry:
+                    continue
+                if name == entry.home:
+                    del self._entries[fingerprint]
+                    self._stats.retired += 1
+                    doomed.append(entry)
+                else:
+                    entry.copies.pop(name, None)
+            what = "its entry retired" if name == entry.home else "dropped"
+            dropped.append(f"{fingerprint[:12]} on {name}: {missing} keys missing, {what}")
+            logger.warning("weight copy %s", dropped[-1])
+            if name != entry.home:
+                self._delete_copy(entry, name)
+        for entry in doomed:
+            self._delete_objects(entry)
+        return dropped
+
+    def _chain_locked(self, entry: CacheEntry, node: str) -> list[str]:
+        """Where ``node``'s new copy relays from: the reachable copy with the fewest relays reading
+        from it now, the newest on a tie; then the copies that one relays from, back to the home (the
+        fallbacks if it fails). Empty if no copy is reachable."""
+        copies = [name for name in entry.copies if name != node and name not in self._unreachable]
+        if not copies:
+            return []
+
+        def readers(name: str) -> int:
+            return sum(c.state is CopyState.FETCHING and c.source == name for c in entry.copies.values())
+
+        source = min(reversed(copies), key=readers)  # min keeps the first of equals: the newest
+        chain, name = [source], source
+        # A copy dropped and relayed again may name a source downstream of its old self: stop at a loop.
+        while (name := entry.copies[name].source) in entry.copies and name not in chain:
+            if name not in self._unreachable:
+                chain.append(name)
+        if entry.home not in chain and entry.home in entry.copies and entry.home not in self._unreachable:
+            chain.append(entry.home)  # the chain was cut where a copy was dropped
+        return chain
 
     def _current_locked(self, replica_id: str) -> CacheEntry | None:
         """The entry ``replica_id`` was planned on, if it is still the live one of its identity (not
@@ -267,13 +354,14 @@ class WeightCache:
 
     def _delete_objects(self, entry: CacheEntry, keep_tombstones: bool = False) -> None:
         fingerprint = entry.identity.fingerprint
+        relayed = set(entry.copies) | set(entry.fetchers.values())
+        relayed.discard(entry.home)
         for layout in _layouts(entry.identity):
             keys = WeightKeys(fingerprint, layout)
-            try:
-                manifest = Manifest.model_validate_json(bytes(self._host().get([keys.manifest])[0]))
-                doomed = keys.tensors(len(manifest.tensors)) + [keys.manifest]
-            except (TierError, ValueError):
-                doomed = [keys.manifest]  # no complete entry: nothing else is findable
+            count = self._tensor_count(keys, relayed)
+            copies = [keys, *(keys.on(node) for node in sorted(relayed))]
+            # Without a manifest nothing but manifests is findable.
+            doomed = [key for copy in copies for key in (copy.copy_keys(count) if count else [copy.manifest])]
             doomed += [marker for fetcher, node in entry.fetchers.items()
                        for marker in (keys.landed(node, fetcher), keys.fetch_failed(node, fetcher))]
             if not keep_tombstones:
@@ -282,6 +370,39 @@ class WeightCache:
                 self._host().delete(doomed)
             except TierError as exc:
                 logger.warning("could not free %s: %s", keys.prefix, exc)
+
+    def _delete_copy(self, entry: CacheEntry, node: str) -> None:
+        """Free ``node``'s relayed copy (not the home's) of every rank, whole or partial."""
+        for layout in _layouts(entry.identity):
+            keys = WeightKeys(entry.identity.fingerprint, layout)
+            count = self._tensor_count(keys, [node])
+            try:
+                self._host().delete(keys.on(node).copy_keys(count) if count else [keys.on(node).manifest])
+            except TierError as exc:
+                logger.warning("could not free %s: %s", keys.on(node).prefix, exc)
+
+    def _missing_keys(self, entry: CacheEntry, node: str) -> int:
+        """How many keys of ``node``'s copy (every rank's tensors and manifest) the data system lacks."""
+        missing = 0
+        for layout in _layouts(entry.identity):
+            keys = WeightKeys(entry.identity.fingerprint, layout)
+            copy = keys if node == entry.home else keys.on(node)
+            count = self._tensor_count(keys, entry.copies)
+            try:
+                missing += (1 if count is None else
+                            sum(not present for present in self._host().exists(copy.copy_keys(count))))
+            except TierError as exc:
+                logger.warning("could not check %s: %s", copy.prefix, exc)
+        return missing
+
+    def _tensor_count(self, keys: WeightKeys, nodes) -> int | None:
+        """The tensors in one rank's entry, from the first manifest that reads: the seed's, or a node copy's."""
+        for copy in [keys, *(keys.on(node) for node in nodes if node != keys.node)]:
+            try:
+                return len(Manifest.model_validate_json(bytes(self._host().get([copy.manifest])[0])).tensors)
+            except (TierError, ValueError):
+                continue
+        return None
 
     def _host(self) -> HostTier:
         if self._tier is None:

@@ -109,14 +109,27 @@ class WeightIdentity(BaseModel):
 
 class WeightKeys:
     """Keys of one rank's entry: one per tensor plus a manifest written last (its presence means the
-    entry is complete)."""
+    entry is complete).
 
-    def __init__(self, fingerprint: str, layout: RankLayout) -> None:
+    The seed publishes under the entry's own keys; every other node's copy lives under keys of its own
+    (``on(node)``), which only that node's worker holds. A reader cannot choose which worker serves a
+    key, so node-scoped keys are what makes a relay's source explicit (REFERENCE.md)."""
+
+    def __init__(self, fingerprint: str, layout: RankLayout, node: str | None = None) -> None:
         if not re.fullmatch(r"[0-9a-f]{16,64}", fingerprint):
             raise ValueError(f"invalid fingerprint {fingerprint!r}")
         self.fingerprint = fingerprint
         self.layout = layout
-        self.prefix = check_key(f"{KEY_PREFIX}_{fingerprint}_{layout.tag}")
+        self.node = node
+        self.prefix = check_key(f"{KEY_PREFIX}_{fingerprint}_{layout.tag}" + (f"_at_{_key_part(node)}" if node else ""))
+
+    def on(self, node: str) -> "WeightKeys":
+        """The keys of ``node``'s copy of this entry (not the seed's)."""
+        return WeightKeys(self.fingerprint, self.layout, node)
+
+    def copy_keys(self, tensors: int) -> list[str]:
+        """Every key of a complete copy: its tensors and its manifest."""
+        return self.tensors(tensors) + [self.manifest]
 
     @property
     def manifest(self) -> str:

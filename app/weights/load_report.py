@@ -59,8 +59,11 @@ class LoadReport(BaseModel):
     plan: PlanKind
     source: WeightSource
     node: str | None = Field(None, description="The node (data system worker) the replica used.")
-    fetched_from: str | None = Field(None, description="The node the weights were read across from, when "
-                                     "this replica brought the first copy onto its node.")
+    fetched_from: str | None = Field(None, description="The node the weights were relayed from (the last "
+                                     "batch's, after a failover), when this replica brought its node's copy.")
+    fetch_failovers: list[str] = Field(default_factory=list, description="Sources given up mid-relay, "
+                                       "each with why ('node3: ...'); the relay went on from the next.")
+    fetch_seconds: float | None = Field(None, description="The relay onto this node (part of ``seconds``).")
     parameters: int = Field(0, description="Parameters filled.")
     bytes: int = Field(0, description="Weight bytes filled.")
     seconds: float = Field(0.0, description="Time to fill every parameter (and publish, for a seed).")
@@ -81,9 +84,12 @@ class LoadReport(BaseModel):
         fallbacks = [f"rank {r.rank}: {r.fallback_reason}" if len(ranks) > 1 else r.fallback_reason
                      for r in ranks if r.fallback_reason]
         fetched = {r.fetched_from for r in ranks}
+        relays = [r.fetch_seconds for r in ranks if r.fetch_seconds is not None]
         publish = [r.publish_seconds for r in ranks if r.publish_seconds is not None]
         return cls(replica_id=ranks[0].replica_id, plan=ranks[0].plan, source=worst.source, node=ranks[0].node,
                    fetched_from=fetched.pop() if len(fetched) == 1 else None,
+                   fetch_failovers=[f for r in ranks for f in r.fetch_failovers],
+                   fetch_seconds=max(relays) if relays else None,
                    parameters=sum(r.parameters for r in ranks), bytes=sum(r.bytes for r in ranks),
                    seconds=slowest.seconds, publish_seconds=max(publish) if publish else None,
                    waited_seconds=max(r.waited_seconds for r in ranks),
@@ -99,7 +105,8 @@ class LoadReport(BaseModel):
         origin = self.source.value + (f" on {self.node}" if self.node and self.source is not WeightSource.DISK
                                       else "")
         if self.fetched_from:
-            origin += f" (fetched from {self.fetched_from})"
+            origin += f" (fetched from {self.fetched_from}"
+            origin += f" after {len(self.fetch_failovers)} failover(s))" if self.fetch_failovers else ")"
         text = (f"plan {self.plan.value}, from {origin}: {self.parameters} params, "
                 f"{self.bytes / 1e6:.1f} MB in {self.seconds:.3f} s ({self.gbps:.2f} GB/s)")
         if self.waited_seconds:

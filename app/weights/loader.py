@@ -11,12 +11,10 @@
   allocated (one batched lookup, no intermediate copy). On a CPU the copy is bound by first-touch page
   faults on that fresh memory; pre-faulting it with MAP_POPULATE was measured and is slower on this
   VM (1.8-2.7 s per GB against 0.3 s of faults), so it is not done.
-- fetch (the first replica on a node that holds no copy): map or pull as above, through this node's
-  worker, which reads the weights across from the node that has them and keeps a copy. The read goes
-  in batches of at most ``_FETCH_BATCH_BYTES``, each bounded by the plan's timeout (longer for a tensor
-  larger than a batch): if the source node dies the read fails within that timeout (the data system
-  alone would block until it declares the node lost, 60 s by default). The replica then marks the
-  fetch done or failed, for the replicas of its node that await it.
+- fetch (the first replica on a node that holds no copy): relay the node its copy from the plan's
+  source node (``app.weights.relay``: pipelined batches, each bounded by a timeout, the next source on
+  failure), then map or pull that copy as above. The replica then marks the fetch done or failed, for
+  the replicas of its node that await it.
 - Any failure of map or pull (missing key, timeout, size, dtype or checksum mismatch, worker gone)
   loads from disk instead and says why in the LoadReport.
 
@@ -38,24 +36,17 @@ from vllm.model_executor.model_loader import BaseModelLoader, DefaultModelLoader
 
 from app.files import write_atomically
 from app.host_memory import require_available
-from app.weights.host_tier import HostTier, TierError, batches_by_bytes
+from app.weights.host_tier import HostTier, TierError
 from app.weights.identity import RankLayout, WeightKeys
 from app.weights.load_report import LoadReport, PlanKind, SeedMove, WeightSource, rank_report_path
 from app.weights.manifest import Manifest, VerifyMode
 from app.weights.npu_tier import NpuTier
 from app.weights.plan import LOAD_FORMAT, WeightPlan
+from app.weights.relay import Relayed, relay
 from app.weights.rendezvous import await_fetch, await_seed, mark_fetch
 from app.weights.seeding import Moved, abandon, commit, move_into, publish_copy
 
 logger = init_logger("vllm.yrllm.loader")  # under "vllm." so lines look like vLLM's own
-
-# One data system call must finish within its timeout, healthy or not (docs/FINDINGS.md), so a fetch
-# reads in batches. Reads across nodes ran at 0.14-0.71 GB/s on the project's machine (bound by
-# first-touch page faults in the receiving worker): a batch gets the plan's timeout, or what it takes
-# at _SLOWEST_BYTES_PER_S if that is longer (a tensor larger than a batch), so that only a dead node
-# trips it.
-_FETCH_BATCH_BYTES = 256 << 20
-_SLOWEST_BYTES_PER_S = 100e6
 
 
 @register_model_loader(LOAD_FORMAT)
@@ -79,9 +70,10 @@ class DataSystemLoader(BaseModelLoader):
         params = _tensors(model)
         started = time.perf_counter()
         source, fallback, waited_s, publish_s, seed_move = WeightSource.DISK, plan.reason, 0.0, None, None
+        relayed = None
         if plan.kind in (PlanKind.MAP, PlanKind.PULL):
             try:
-                source, waited_s = _from_cache(model, plan, keys, layout, params, model_config)
+                source, waited_s, relayed = _from_cache(model, plan, keys, layout, params, model_config)
             except (TierError, ValueError) as exc:
                 what = f"fetching from {plan.fetch_from} onto {plan.node}" if plan.fetch_from else plan.kind.value
                 fallback = f"{what} from the {plan.tier} tier failed: {exc}"
@@ -102,9 +94,10 @@ class DataSystemLoader(BaseModelLoader):
                 fallback = f"publishing to the {plan.tier} tier failed: {exc}"
                 logger.warning("%s; this replica serves, but the next one will load from disk", fallback)
             publish_s = time.perf_counter() - publish_started
-        fetched_from = plan.fetch_from if source is not WeightSource.DISK else None
-        report = LoadReport(replica_id=plan.replica_id, rank=layout.tp_rank, plan=plan.kind, source=source, node=plan.node,
-                            fetched_from=fetched_from, parameters=len(params),
+        report = LoadReport(replica_id=plan.replica_id, rank=layout.tp_rank, plan=plan.kind, source=source,
+                            node=plan.node, fetched_from=relayed.source if relayed else None,
+                            fetch_failovers=relayed.failovers if relayed else [],
+                            fetch_seconds=round(relayed.seconds, 4) if relayed else None, parameters=len(params),
                             bytes=sum(p.numel() * p.element_size() for _, p in params),
                             seconds=round(seconds, 4), waited_seconds=round(waited_s, 4),
                             publish_seconds=None if publish_s is None else round(publish_s, 4), seed_move=seed_move,
@@ -114,10 +107,12 @@ class DataSystemLoader(BaseModelLoader):
 
 
 def _from_cache(model: nn.Module, plan: WeightPlan, keys: WeightKeys, layout: RankLayout,
-                params: list[tuple[str, torch.Tensor]], model_config: ModelConfig) -> tuple[WeightSource, float]:
-    """Map or pull every parameter from the data system; returns the source and the seconds spent
-    waiting for a seed still loading. Raises TierError or ValueError, having changed nothing that a
-    disk load would not overwrite."""
+                params: list[tuple[str, torch.Tensor]],
+                model_config: ModelConfig) -> tuple[WeightSource, float, Relayed | None]:
+    """Map or pull every parameter from the data system (relaying this node its copy first, if the
+    plan says so); returns the source, the seconds spent waiting for a seed still loading or a copy
+    still relayed, and the relay. Raises TierError or ValueError, having changed nothing that a disk
+    load would not overwrite."""
     tier = _host_tier(plan)
     waited_s = await_seed(tier, keys, plan.seed_replica, plan.await_seed_s) if plan.seed_replica else 0.0
     if plan.await_fetch_s and plan.fetcher:
@@ -127,14 +122,18 @@ def _from_cache(model: nn.Module, plan: WeightPlan, keys: WeightKeys, layout: Ra
         # shapes, dtypes, sizes) is checked on this tier.
         _checked_manifest(tier, keys, layout, params, model_config)
         _npu_tier(plan).pull(keys.tensors(len(params)), [p.data for _, p in params], plan.timeout_ms)
-        return WeightSource.NPU, waited_s
-    views = _fetch(tier, keys, layout, params, model_config, plan.verify, plan.timeout_ms,
-                   across=plan.fetch_from is not None)
+        return WeightSource.NPU, waited_s, None
+    relayed = None
+    if plan.sources:
+        manifest = _source_manifest(tier, keys, plan, layout, params, model_config)
+        relayed = relay(tier, keys, plan, manifest)
+    local = keys if plan.node == plan.home_node else keys.on(plan.node)
+    views = _fetch(tier, local, layout, params, model_config, plan.verify, plan.timeout_ms)
     if plan.kind is PlanKind.MAP and _on_cpu(params):
         _map(model, params, views)
     else:
         _pull(params, views)
-    return WeightSource.HOST, waited_s
+    return WeightSource.HOST, waited_s, relayed
 
 
 def _seed(model: nn.Module, plan: WeightPlan, keys: WeightKeys, layout: RankLayout,
@@ -226,20 +225,26 @@ def _checked_manifest(tier: HostTier, keys: WeightKeys, layout: RankLayout,
     return manifest
 
 
+def _source_manifest(tier: HostTier, keys: WeightKeys, plan: WeightPlan, layout: RankLayout,
+                     params: list[tuple[str, torch.Tensor]], model_config: ModelConfig) -> Manifest:
+    """The entry's manifest, checked against this model: the seed's, or, where the seed's node cannot
+    answer, a finished copy's of a node the relay would read from."""
+    errors = []
+    for node in [plan.home_node, *plan.sources]:
+        try:
+            return _checked_manifest(tier, keys if node == plan.home_node else keys.on(node), layout, params,
+                                     model_config)
+        except TierError as exc:
+            errors.append(f"{node}: {exc}")
+    raise TierError("no manifest to relay by: " + "; ".join(errors))
+
+
 def _fetch(tier: HostTier, keys: WeightKeys, layout: RankLayout, params: list[tuple[str, torch.Tensor]],
-           model_config: ModelConfig, verify: VerifyMode, timeout_ms: int = 5000,
-           across: bool = False) -> list[memoryview]:
-    """All of this rank's tensors as read-only views, after checking they are exactly ours. A read
-    ``across`` nodes goes in batches, each with its timeout; a local one is a single call (30 calls for
-    the 7B shape's rank took 0.06-0.12 s, one call 7 ms)."""
+           model_config: ModelConfig, verify: VerifyMode, timeout_ms: int = 5000) -> list[memoryview]:
+    """All of this rank's tensors as read-only views of this node's copy, after checking they are
+    exactly ours. One call (30 calls for the 7B shape's rank took 0.06-0.12 s, one call 7 ms)."""
     manifest = _checked_manifest(tier, keys, layout, params, model_config)
-    names, sizes = keys.tensors(len(params)), [entry.nbytes for entry in manifest.tensors]
-    if not across:
-        views = tier.get(names, timeout_ms=timeout_ms)
-    else:
-        views = []
-        for batch, nbytes in batches_by_bytes(names, sizes, _FETCH_BATCH_BYTES):
-            views += tier.get(batch, timeout_ms=max(timeout_ms, int(nbytes / _SLOWEST_BYTES_PER_S * 1000)))
+    views = tier.get(keys.tensors(len(params)), timeout_ms=timeout_ms)
     for entry, view in zip(manifest.tensors, views):
         entry.check(view, verify)
     return views
