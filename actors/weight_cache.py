@@ -40,6 +40,12 @@ class WeightCache:
     def forget_node(self, node: str) -> int:
         return self._cache.forget_node(node)
 
+    def set_reachable(self, node: str, reachable: bool) -> None:
+        self._cache.set_reachable(node, reachable)
+
+    def revalidate(self) -> list[str]:
+        return self._cache.revalidate()
+
     def clear(self) -> None:
         self._cache.clear()
 

@@ -17,6 +17,8 @@ class EventKind(str, Enum):
     DS_WORKER_RESTART_FAILED = "ds_worker_restart_failed"  # not retried: replicas load from disk
     DS_UNREACHABLE = "ds_unreachable"  # cluster mode: the data system stopped accepting connections
     DS_REACHABLE = "ds_reachable"  # cluster mode: it accepts them again
+    NODE_UNREACHABLE = "node_unreachable"  # local nodes: a node's worker stopped answering the driver (cut off)
+    NODE_REJOINED = "node_rejoined"  # it answers again; its weight copies were checked
     CACHE_ENTRY_RETIRED = "cache_entry_retired"  # a cached weight entry could not serve; next replica reseeds
     ZYGOTE_DIED = "zygote_died"  # engine processes are spawned until it is back
     ZYGOTE_RESTARTED = "zygote_restarted"  # importing again; forks resume once it is ready

@@ -62,6 +62,7 @@ class Scaler:
                  nodes: list[Node], roles: tuple[Role, ...] = (Role.MERGED,)) -> None:
         self._new_spec = new_spec  # (replica id, role, node) -> its EngineSpec
         self._nodes = nodes  # where replicas go; in cluster mode an actor's host may choose another
+        self._cut_off: set[str] = set()  # nodes the driver cannot reach now: no replica goes there
         self._router = router
         self._weights = weights  # None: weights.enabled is off, vLLM's own loader
         self._drain_timeout_s = drain_timeout_s
@@ -74,6 +75,10 @@ class Scaler:
         self._seq = itertools.count(1)
         self._lock = threading.Lock()  # guards _replicas
         self._turn = threading.Lock()  # one scaling at a time
+
+    def set_node_reachable(self, node: str, reachable: bool) -> None:
+        """A node was cut off (no new replica goes there) or is back."""
+        (self._cut_off.discard if reachable else self._cut_off.add)(node)
 
     def counts(self) -> dict[Role, int]:
         """Replicas per role, whatever their state."""
@@ -181,7 +186,11 @@ class Scaler:
             with ThreadPoolExecutor(max_workers=len(adds), thread_name_prefix="scale-out") as pool:
                 with self._lock:
                     placed = [r.info.node for r in self._replicas.values()]
-                reports = list(pool.map(self._add, adds, least_loaded(self._nodes, placed, len(adds))))
+                reachable = [node for node in self._nodes if node.name not in self._cut_off]
+                if not reachable:
+                    raise RuntimeError(f"every node is cut off ({', '.join(sorted(self._cut_off))}); "
+                                       "no replica can be placed")
+                reports = list(pool.map(self._add, adds, least_loaded(reachable, placed, len(adds))))
         for role, wanted in self.desired.items():
             reports += self._remove(role, before[role] - wanted)
         with self._lock:

@@ -12,6 +12,10 @@
   WeightCache forgets what died with it: the entries that node was home to (the next replica seeds
   again) and its copies of the others (the next replica there fetches again). Cluster mode: the worker is
   not ours; losing and regaining it is reported, and replicas fall back to disk while it is gone.
+- Local mode with several nodes: each node's worker is probed from the driver (``NodeWatch``). A node
+  that stops answering (its link cut) gets no new replica and is no source of weights; its replicas
+  fail their health checks and are replaced elsewhere. When it answers again, and after any worker
+  restart, the WeightCache checks every copy key by key before the node is used again.
 
 Every event goes to the log, ``/status`` and ``/metrics`` (``EventLog``).
 """
@@ -28,10 +32,11 @@ from typing import Any
 from app.config import RuntimeMode, SupervisionConfig
 from app.control.event_log import EventLog
 from app.control.kv_accounting import KVAccountant
+from app.control.node_watch import NodeWatch
 from app.control.scaling import Scaler
 from app.control.weight_client import WeightCacheClient
 from app.events import EventKind
-from app.replica import ReplicaState
+from app.replica import Node, ReplicaState
 from app.runtime.openyuanrong import Runtime
 from app.runtime.processes import port_open
 
@@ -68,13 +73,24 @@ class Supervisor:
         self._next_ds_probe_at = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="app-supervisor", daemon=True)
+        several = runtime.mode is RuntimeMode.LOCAL and len(runtime.nodes) > 1
+        self._nodes = NodeWatch(runtime.nodes, config.health_check_interval_s, config.health_check_timeout_s,
+                                self._node_changed) if several else None
 
     def start(self) -> None:
         self._thread.start()
+        if self._nodes is not None:
+            self._nodes.start()
+
+    def cut_off(self) -> set[str]:
+        """The nodes whose worker does not answer the driver now."""
+        return self._nodes.unreachable() if self._nodes is not None else set()
 
     def stop(self, timeout_s: float = 600.0) -> None:
         """Returns once the loop has ended and a replacement or restart under way has finished."""
         self._stop.set()
+        if self._nodes is not None:
+            self._nodes.stop()
         self._thread.join(timeout=timeout_s)
         for thread in (self._healing, self._ds_restart):
             if thread is not None:
@@ -194,6 +210,24 @@ class Supervisor:
                     f"{self._runtime.ds_address} accepts connections again" if reachable else
                     f"{self._runtime.ds_address} refuses connections; new replicas load from disk")
 
+    def _node_changed(self, node: Node, reachable: bool, seconds: float) -> None:
+        if not reachable:
+            self._scaler.set_node_reachable(node.name, False)
+            if self._weights is not None:
+                self._weights.set_reachable(node.name, False)
+            self._events.record(EventKind.NODE_UNREACHABLE, node.name,
+                                f"its worker {node.ds_address} does not answer; no replica goes there and no "
+                                f"weights are read from there until it is back")
+            return
+        # Checked before it is a source again: the data system may have lost keys meanwhile.
+        dropped = self._weights.revalidate() if self._weights is not None else []
+        if self._weights is not None:
+            self._weights.set_reachable(node.name, True)
+        self._scaler.set_node_reachable(node.name, True)
+        self._events.record(EventKind.NODE_REJOINED, node.name,
+                            f"its worker answers again after {seconds:.1f} s cut off; weight copies "
+                            + ("dropped: " + "; ".join(dropped) if dropped else "all complete"))
+
     def _restart_workers(self, dead: dict[str, int]) -> None:
         for node, code in dead.items():
             self._restart_worker(node, code)
@@ -214,9 +248,12 @@ class Supervisor:
                                 f"{worker}: {exc}; new replicas there load from disk")
             return
         address = next(n.ds_address for n in self._runtime.nodes if n.name == node)
+        # A fresh worker joining can cost the others keys (REFERENCE.md): check what they hold.
+        dropped = self._weights.revalidate() if self._weights is not None and len(self._runtime.nodes) > 1 else []
         self._events.record(EventKind.DS_WORKER_RESTARTED, DS_WORKER,
                             f"{worker} at {address} in {seconds:.1f} s; the next replica there seeds or "
-                            f"fetches again")
+                            f"fetches again" + (f"; weight copies dropped elsewhere: {'; '.join(dropped)}"
+                                                if dropped else ""))
 
 
 def _last_line(error: BaseException | None) -> str | None:

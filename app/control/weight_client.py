@@ -58,6 +58,18 @@ class WeightCacheClient:
 
         return yr.get(self.actor.forget_node.invoke(node))
 
+    def set_reachable(self, node: str, reachable: bool) -> None:
+        """A node was cut off (its copies are no relay source) or is back."""
+        import yr
+
+        yr.get(self.actor.set_reachable.invoke(node, reachable))
+
+    def revalidate(self) -> list[str]:
+        """Check every copy key by key and drop the incomplete ones; returns what was dropped."""
+        import yr
+
+        return yr.get(self.actor.revalidate.invoke())
+
     def release(self, replica_id: str) -> None:
         import yr
 

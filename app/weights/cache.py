@@ -279,7 +279,7 @@ class WeightCache:
         keys of other nodes whose bytes it still holds. Returns what was dropped, as sentences."""
         with self._lock:
             checks = [(entry, name) for entry in self._entries.values() for name, copy in entry.copies.items()
-                      if copy.state is CopyState.READY and name not in self._unreachable]
+                      if copy.state is CopyState.READY]
         dropped, doomed = [], []
         for entry, name in checks:
             missing = self._missing_keys(entry, name)
