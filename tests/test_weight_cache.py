@@ -25,6 +25,7 @@ def cache(ds_worker):
 
 
 NODE1, NODE2 = Node(name="node1", ds_address="127.0.0.1:7001"), Node(name="node2", ds_address="127.0.0.1:7002")
+NODE3, NODE4 = Node(name="node3", ds_address="127.0.0.1:7003"), Node(name="node4", ds_address="127.0.0.1:7004")
 
 
 def plan(cache, replica_id, identity=IDENTITY, node=NODE1):
@@ -168,6 +169,76 @@ def test_a_dead_node_loses_its_copies_and_fetches_again(cache):
     cache.report(loaded("f1", PlanKind.MAP, node="node2", fetched_from="node1"))
     assert cache.forget_node("node2") == 0  # not its home: the entry stays
     assert plan(cache, "f2", node=NODE2).fetch_from == "node1"
+
+
+def test_nodes_that_need_the_weights_at_once_relay_along_a_chain_not_from_the_seeds_node(cache):
+    plan(cache, "s")
+    cache.report(loaded("s", PlanKind.SEED, WeightSource.DISK))
+    plans = [plan(cache, f"f{i}", node=node) for i, node in enumerate((NODE2, NODE3, NODE4), start=2)]
+    # Each new node reads from the one before it; if that one fails, from the ones before it in turn.
+    assert [(p.fetch_from, p.fetch_fallbacks, p.home_node) for p in plans] == [
+        ("node1", [], "node1"), ("node2", ["node1"], "node1"), ("node3", ["node2", "node1"], "node1")]
+    assert cache.stats()["entries"][0]["sources"] == {"node2": "node1", "node3": "node2", "node4": "node3"}
+
+
+def test_a_node_after_the_others_are_done_reads_from_the_last_one_done(cache):
+    plan(cache, "s")
+    cache.report(loaded("s", PlanKind.SEED, WeightSource.DISK))
+    plan(cache, "f2", node=NODE2)
+    cache.report(loaded("f2", PlanKind.MAP, node="node2", fetched_from="node1"))
+    later = plan(cache, "f3", node=NODE3)
+    assert (later.fetch_from, later.fetch_fallbacks) == ("node2", ["node1"])
+    # node2 now feeds node3: one more node at the same time joins the chain behind node3.
+    joined = plan(cache, "f4", node=NODE4)
+    assert (joined.fetch_from, joined.fetch_fallbacks) == ("node3", ["node2", "node1"])
+
+
+def test_a_cut_off_node_is_no_source_and_with_every_copy_cut_off_a_replica_loads_from_disk(cache):
+    plan(cache, "s")
+    cache.report(loaded("s", PlanKind.SEED, WeightSource.DISK))
+    plan(cache, "f2", node=NODE2)
+    cache.report(loaded("f2", PlanKind.MAP, node="node2", fetched_from="node1"))
+    cache.set_reachable("node2", False)
+    around = plan(cache, "f3", node=NODE3)
+    assert (around.fetch_from, around.fetch_fallbacks) == ("node1", [])
+    cache.abandon("f3")  # its engine failed: node3 holds no copy
+    cache.set_reachable("node1", False)
+    stranded = plan(cache, "f4", node=NODE4)
+    assert stranded.kind is PlanKind.DISK and "unreachable" in stranded.reason
+    assert cache.report(loaded("f4", PlanKind.DISK, WeightSource.DISK, node="node4")) is None
+    assert cache.stats()["entries"] and cache.stats()["hits"] == 2  # the disk plan neither hit nor retired it
+    cache.set_reachable("node2", True)
+    assert plan(cache, "f5", node=NODE4).fetch_from == "node2"
+
+
+def test_revalidate_drops_a_copy_with_missing_keys_and_an_entry_whose_home_copy_lost_keys(cache, ds_worker):
+    from types import SimpleNamespace
+
+    import torch
+
+    loader = pytest.importorskip("app.weights.loader")
+    seeding = pytest.importorskip("app.weights.seeding")
+    tier, keys = HostTier(ds_worker.address), WeightKeys(IDENTITY.fingerprint, RankLayout())
+    tensors = loader._tensors(torch.nn.Linear(8, 8))
+    for copy in (keys, keys.on("node2"), keys.on("node3")):  # the seed's copy and two relayed ones
+        seeding.publish_copy(tier, copy, RankLayout(), tensors, SimpleNamespace(dtype=torch.float32))
+    plan(cache, "s")
+    cache.report(loaded("s", PlanKind.SEED, WeightSource.DISK))
+    for replica, node in (("f2", NODE2), ("f3", NODE3)):
+        plan(cache, replica, node=node)
+        cache.report(loaded(replica, PlanKind.MAP, node=node.name, fetched_from="node1"))
+    assert cache.revalidate() == []
+    tier.delete([keys.on("node3").tensor(1)])  # a key lost, as after a worker restart (REFERENCE.md)
+    (dropped,) = cache.revalidate()
+    assert dropped.endswith("on node3: 1 keys missing, dropped")
+    assert cache.stats()["entries"][0]["nodes"] == {"node1": "ready", "node2": "ready"}
+    assert not any(tier.exists(keys.on("node3").copy_keys(2)))  # what was left of it is freed
+    assert plan(cache, "f4", node=NODE3).fetch_from == "node2"  # relayed again
+    tier.delete([keys.tensor(0)])
+    (dropped,) = cache.revalidate()
+    assert "on node1: 1 keys missing, its entry retired" in dropped and cache.stats()["entries"] == []
+    assert not any(tier.exists(keys.on("node2").copy_keys(2) + keys.copy_keys(2)))
+    assert plan(cache, "s2").kind is PlanKind.SEED
 
 
 def test_different_identities_get_different_entries(cache):

@@ -220,19 +220,16 @@ class App:
             status["zygote"] = self._zygote.status()
         if self._scaler is not None:
             status["footprint"] = self._measure_footprint(status.get("weight_cache")).model_dump()
-        cut_off = self._supervisor.cut_off() if self._supervisor else set()
         return {"url": self.url if self.router_port else None, "model": self.served_model_name,
                 "model_dir": str(self.model_dir) if self.model_dir else None,
                 "runtime": self._runtime.mode.value, "runtime_ready_at": self._runtime.ready_at,
                 "ds_address": self._runtime.ds_address, "ds_worker_pid": self._runtime.worker_pid,
-                "nodes": [{**node.model_dump(), "pid": self._runtime.node_pids().get(node.name),
-                           "reachable": node.name not in cut_off} for node in self._runtime.nodes],
+                "nodes": self._runtime.node_status(self._supervisor.cut_off() if self._supervisor else set()),
                 "memory_plan": self.memory.model_dump() if self.memory else None,
                 "logs": str(self._log_dir), **status}
 
     def set_link(self, node: str, up: bool) -> None:
-        """runtime.node_network=netns: cut ``node``'s link (a partition: the driver and the other nodes
-        lose it, its processes run on) or restore it. For fault drills: make chaos, the tests."""
+        """netns nodes: cut ``node``'s link (a partition; its processes run on) or restore it. For drills."""
         if self._runtime.network is None:
             raise RuntimeError("only nodes of runtime.node_network=netns have links to cut")
         self._runtime.network.set_link(node, up)

@@ -40,6 +40,12 @@ class Runtime:
     def node_pids(self) -> dict[str, int | None]:
         return self._cluster.pids() if self._cluster else {}
 
+    def node_status(self, cut_off: set[str]) -> list[dict]:
+        """Each node as ``/status`` shows it: where it is, its worker's pid, whether the driver reaches it."""
+        pids = self.node_pids()
+        return [{**node.model_dump(), "pid": pids.get(node.name), "reachable": node.name not in cut_off}
+                for node in self.nodes]
+
     def dead_nodes(self) -> dict[str, int]:
         """Local mode: the nodes whose worker exited, with its exit code."""
         return self._cluster.dead() if self._cluster else {}

@@ -12,13 +12,12 @@ source node (``app.weights.relay``), and maps that. Replicas planned onto that n
 await its copy (single-flight per node), and every later one maps the local copy: one transfer per node.
 
 Sources form chains, not a star: a new copy reads from the copy with the fewest relays reading from
-it now, the newest on a tie. Nodes that need the weights at once then line up home -> 2 -> 3 -> 4,
-each relaying batches on as they land, so no link carries more than one copy each way; nodes that
-come one after another read from the last one done. The plan names the chain back to the home, so a
-source that dies mid-relay costs its successor a switch to the one before it. Unreachable nodes
-(``set_reachable``) are no source; after a worker restarts or a node rejoins, ``revalidate`` checks
-every copy key by key (the data system can lose keys of other nodes then: REFERENCE.md) and drops
-what is incomplete, so a half copy is never mapped.
+it now, the newest on a tie. Nodes that need the weights at once line up home -> 2 -> 3 -> 4, each
+relaying batches on as they land, so no link carries more than one copy each way. The plan names the
+chain back to the home: a source that dies mid-relay costs a switch to the one before it. Cut-off
+nodes (``set_reachable``) are no source; after a worker restarts or a node rejoins, ``revalidate``
+checks every copy key by key (the data system can lose keys of other nodes then: REFERENCE.md) and
+drops what is incomplete, so a half copy is never mapped.
 
 The cache owns the entries, not the engines: host-tier objects in the data system outlive the engine
 that published them, so the seed replica can be scaled in and the cache stays. Entries are freed on
@@ -32,55 +31,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from app.replica import Node
-from app.weights.host_tier import HostTier, TierError
-from app.weights.identity import RankLayout, WeightIdentity, WeightKeys
+from app.weights.entries import CacheEntry, CopyState, EntryObjects, EntryState, NodeCopy
+from app.weights.identity import WeightIdentity
 from app.weights.load_report import LoadReport, PlanKind, WeightSource
-from app.weights.manifest import Manifest, VerifyMode
+from app.weights.manifest import VerifyMode
 from app.weights.plan import WeightPlan
 
 logger = logging.getLogger(__name__)
-
-
-class EntryState(str, Enum):
-    SEEDING = "seeding"  # a seed replica is loading from disk and will publish
-    READY = "ready"  # complete in the data system; replicas map or pull it
-
-
-class CopyState(str, Enum):
-    """One node's copy of an entry."""
-
-    SEEDING = "seeding"  # the home node: its seed is loading from disk
-    FETCHING = "fetching"  # the first replica on this node reads the weights across
-    READY = "ready"  # this node's worker holds them
-
-
-@dataclass
-class NodeCopy:
-    state: CopyState
-    by: str  # the replica that seeds or fetches it
-    source: str | None = None  # the node it is relayed from; None for the home's
-
-
-@dataclass
-class CacheEntry:
-    identity: WeightIdentity
-    seed_replica: str
-    home: str  # the seed's node: the one that published, where other nodes fetch from
-    copies: dict[str, NodeCopy] = field(default_factory=dict)  # node name -> its copy
-    readers: set[str] = field(default_factory=set)
-    fetchers: dict[str, str] = field(default_factory=dict)  # every replica planned to fetch -> its node
-    bytes: int = 0
-
-    @property
-    def state(self) -> EntryState:
-        return EntryState.READY if self.copies[self.home].state is CopyState.READY else EntryState.SEEDING
 
 
 class CacheStats(BaseModel):
@@ -101,7 +63,6 @@ class WeightCache:
                  await_seed_s: float = 600.0) -> None:
         if cpu_mode not in (PlanKind.MAP, PlanKind.PULL):
             raise ValueError(f"cpu_mode must be map or pull, got {cpu_mode}")
-        self._ds_address = ds_address
         self._tier_name = tier
         self._cpu_mode = cpu_mode
         self._verify = verify
@@ -112,7 +73,7 @@ class WeightCache:
         self._unreachable: set[str] = set()  # nodes cut off: no source for a relay
         self._stats = CacheStats()
         self._lock = threading.Lock()
-        self._tier: HostTier | None = None
+        self._objects = EntryObjects(ds_address, timeout_ms)
 
     def plan(self, identity: WeightIdentity, replica_id: str, node: Node, report_path: Path) -> WeightPlan:
         fingerprint = identity.fingerprint
@@ -196,7 +157,7 @@ class WeightCache:
             self._stats.retired += 1
         reason = f"{report.replica_id} could not use it: {report.fallback_reason}"
         logger.warning("weight entry %s retired; the next replica seeds again (%s)", fingerprint, reason)
-        self._delete_objects(entry)
+        self._objects.delete(entry)
         return reason
 
     def abandon(self, replica_id: str) -> None:
@@ -216,9 +177,9 @@ class WeightCache:
             for name in stalled:
                 del entry.copies[name]
         if stalled:  # its node fetches again with the next replica; those waiting for it stop now
-            self._mark_fetch_failed(entry, replica_id)
+            self._objects.mark_fetch_failed(entry, replica_id)
             for name in stalled:  # what it relayed before it died
-                self._delete_copy(entry, name)
+                self._objects.delete_copy(entry, name)
 
     def release(self, replica_id: str) -> None:
         """A replica stopped; the entry stays (the cache, not the replica, owns it)."""
@@ -235,7 +196,7 @@ class WeightCache:
             entry = self._entries.pop(fingerprint, None)
         if entry is None:
             return False
-        self._delete_objects(entry)
+        self._objects.delete(entry)
         return True
 
     def forget_node(self, node: str) -> int:
@@ -282,7 +243,7 @@ class WeightCache:
                       if copy.state is CopyState.READY]
         dropped, doomed = [], []
         for entry, name in checks:
-            missing = self._missing_keys(entry, name)
+            missing = self._objects.missing_keys(entry, name)
             if not missing:
                 continue
             fingerprint = entry.identity.fingerprint
@@ -299,9 +260,9 @@ class WeightCache:
             dropped.append(f"{fingerprint[:12]} on {name}: {missing} keys missing, {what}")
             logger.warning("weight copy %s", dropped[-1])
             if name != entry.home:
-                self._delete_copy(entry, name)
+                self._objects.delete_copy(entry, name)
         for entry in doomed:
-            self._delete_objects(entry)
+            self._objects.delete(entry)
         return dropped
 
     def _chain_locked(self, entry: CacheEntry, node: str) -> list[str]:
@@ -333,83 +294,7 @@ class WeightCache:
             return entry
         return None
 
-    # ---- data system housekeeping --------------------------------------------------------------------
-
     def _abandon_locked(self, fingerprint: str, entry: CacheEntry) -> None:
         del self._entries[fingerprint]
-        for layout in _layouts(entry.identity):
-            try:
-                self._host().put([(WeightKeys(fingerprint, layout).abandoned(entry.seed_replica), memoryview(b"1"))])
-            except TierError as exc:
-                logger.warning("could not mark the failed seed of %s: %s", fingerprint, exc)
-        self._delete_objects(entry, keep_tombstones=True)
-
-    def _mark_fetch_failed(self, entry: CacheEntry, fetcher: str) -> None:
-        for layout in _layouts(entry.identity):
-            marker = WeightKeys(entry.identity.fingerprint, layout).fetch_failed(entry.fetchers[fetcher], fetcher)
-            try:
-                self._host().put([(marker, memoryview(b"1"))])
-            except TierError as exc:
-                logger.warning("could not mark %s's failed fetch: %s", fetcher, exc)
-
-    def _delete_objects(self, entry: CacheEntry, keep_tombstones: bool = False) -> None:
-        fingerprint = entry.identity.fingerprint
-        relayed = set(entry.copies) | set(entry.fetchers.values())
-        relayed.discard(entry.home)
-        for layout in _layouts(entry.identity):
-            keys = WeightKeys(fingerprint, layout)
-            count = self._tensor_count(keys, relayed)
-            copies = [keys, *(keys.on(node) for node in sorted(relayed))]
-            # Without a manifest nothing but manifests is findable.
-            doomed = [key for copy in copies for key in (copy.copy_keys(count) if count else [copy.manifest])]
-            doomed += [marker for fetcher, node in entry.fetchers.items()
-                       for marker in (keys.landed(node, fetcher), keys.fetch_failed(node, fetcher))]
-            if not keep_tombstones:
-                doomed.append(keys.abandoned(entry.seed_replica))
-            try:
-                self._host().delete(doomed)
-            except TierError as exc:
-                logger.warning("could not free %s: %s", keys.prefix, exc)
-
-    def _delete_copy(self, entry: CacheEntry, node: str) -> None:
-        """Free ``node``'s relayed copy (not the home's) of every rank, whole or partial."""
-        for layout in _layouts(entry.identity):
-            keys = WeightKeys(entry.identity.fingerprint, layout)
-            count = self._tensor_count(keys, [node])
-            try:
-                self._host().delete(keys.on(node).copy_keys(count) if count else [keys.on(node).manifest])
-            except TierError as exc:
-                logger.warning("could not free %s: %s", keys.on(node).prefix, exc)
-
-    def _missing_keys(self, entry: CacheEntry, node: str) -> int:
-        """How many keys of ``node``'s copy (every rank's tensors and manifest) the data system lacks."""
-        missing = 0
-        for layout in _layouts(entry.identity):
-            keys = WeightKeys(entry.identity.fingerprint, layout)
-            copy = keys if node == entry.home else keys.on(node)
-            count = self._tensor_count(keys, entry.copies)
-            try:
-                missing += (1 if count is None else
-                            sum(not present for present in self._host().exists(copy.copy_keys(count))))
-            except TierError as exc:
-                logger.warning("could not check %s: %s", copy.prefix, exc)
-        return missing
-
-    def _tensor_count(self, keys: WeightKeys, nodes) -> int | None:
-        """The tensors in one rank's entry, from the first manifest that reads: the seed's, or a node copy's."""
-        for copy in [keys, *(keys.on(node) for node in nodes if node != keys.node)]:
-            try:
-                return len(Manifest.model_validate_json(bytes(self._host().get([copy.manifest])[0])).tensors)
-            except (TierError, ValueError):
-                continue
-        return None
-
-    def _host(self) -> HostTier:
-        if self._tier is None:
-            self._tier = HostTier(self._ds_address, self._timeout_ms)
-        return self._tier
-
-
-def _layouts(identity: WeightIdentity) -> list[RankLayout]:
-    return [RankLayout(tp_rank=tp, tp_size=identity.tp_size, pp_rank=pp, pp_size=identity.pp_size)
-            for pp in range(identity.pp_size) for tp in range(identity.tp_size)]
+        self._objects.mark_abandoned(entry)
+        self._objects.delete(entry, keep_tombstones=True)
