@@ -18,9 +18,9 @@ from app.weights.plan import WeightPlan
 @yr.instance
 class WeightCache:
     def __init__(self, ds_address: str, tier: str, cpu_mode: PlanKind, verify: VerifyMode, timeout_ms: int,
-                 await_seed_s: float) -> None:
+                 await_seed_s: float, fanout: str = "chain") -> None:
         self._cache = _WeightCache(ds_address, tier=tier, cpu_mode=cpu_mode, verify=verify,
-                                   timeout_ms=timeout_ms, await_seed_s=await_seed_s)
+                                   timeout_ms=timeout_ms, await_seed_s=await_seed_s, fanout=fanout)
 
     def plan(self, identity: WeightIdentity, replica_id: str, node: Node, report_path: Path) -> WeightPlan:
         return self._cache.plan(identity, replica_id, node, report_path)

@@ -123,6 +123,11 @@ class WeightsConfig(_Section):
                                                       "of each tensor, 'full' every byte (about 1 s/GB).")
     timeout_ms: int = Field(5000, gt=0, description="Data system request timeout; a stopped worker "
                             "fails a load in this long, and the replica loads from disk.")
+    fanout: Literal["chain", "star"] = Field("chain", description="Where a node's first replica relays the "
+                                             "weights from: 'chain' (the copy fewest relays read from now, the "
+                                             "newest on a tie: nodes at once line up one behind the other, "
+                                             "pipelined) or 'star' (always the seed's node: its link carries "
+                                             "every copy; for comparison, make nodes).")
 
 
 class KVConfig(_Section):

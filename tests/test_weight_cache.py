@@ -181,6 +181,16 @@ def test_nodes_that_need_the_weights_at_once_relay_along_a_chain_not_from_the_se
     assert cache.stats()["entries"][0]["sources"] == {"node2": "node1", "node3": "node2", "node4": "node3"}
 
 
+def test_a_star_reads_every_copy_from_the_seeds_node(ds_worker):
+    star = WeightCache(ds_worker.address, fanout="star")
+    plan(star, "s")
+    star.report(loaded("s", PlanKind.SEED, WeightSource.DISK))
+    plans = [plan(star, f"f{i}", node=node) for i, node in enumerate((NODE2, NODE3, NODE4), start=2)]
+    assert [(p.fetch_from, p.fetch_fallbacks) for p in plans] == [("node1", [])] * 3
+    with pytest.raises(ValueError, match="fanout"):
+        WeightCache(ds_worker.address, fanout="tree")
+
+
 def test_a_node_after_the_others_are_done_reads_from_the_last_one_done(cache):
     plan(cache, "s")
     cache.report(loaded("s", PlanKind.SEED, WeightSource.DISK))

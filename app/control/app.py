@@ -143,7 +143,7 @@ class App:
         weights = self.config.weights
         actor = WeightCache.options(yr.InvokeOptions(concurrency=16)).invoke(
             self._runtime.ds_address, weights.tier, PlanKind(weights.cpu_mode), VerifyMode(weights.verify),
-            weights.timeout_ms, self.config.engine.start_timeout_s)
+            weights.timeout_ms, self.config.engine.start_timeout_s, weights.fanout)
         return WeightCacheClient(actor, identity)
 
     def _engine_spec(self, replica_id: str, role: Role, node: Node | None = None) -> EngineSpec:

@@ -24,8 +24,7 @@ that published them, so the seed replica can be scaled in and the cache stays. E
 ``retire`` and ``clear`` (App shutdown), and when they cannot serve: a replica planned to map or pull a
 ready entry that had to load from disk instead (checksum or manifest mismatch, missing object, data
 system gone) retires it, so the next replica seeds again instead of every later one falling back.
-``forget_all`` drops every entry after the data system worker holding them died.
-"""
+``forget_node`` drops what died with a node's worker."""
 
 from __future__ import annotations
 
@@ -60,9 +59,10 @@ class WeightCache:
 
     def __init__(self, ds_address: str, *, tier: str = "host", cpu_mode: PlanKind = PlanKind.MAP,
                  verify: VerifyMode = VerifyMode.SAMPLED, timeout_ms: int = 5000,
-                 await_seed_s: float = 600.0) -> None:
-        if cpu_mode not in (PlanKind.MAP, PlanKind.PULL):
-            raise ValueError(f"cpu_mode must be map or pull, got {cpu_mode}")
+                 await_seed_s: float = 600.0, fanout: str = "chain") -> None:
+        if cpu_mode not in (PlanKind.MAP, PlanKind.PULL) or fanout not in ("chain", "star"):
+            raise ValueError(f"cpu_mode must be map or pull and fanout chain or star, got {cpu_mode}, {fanout}")
+        self._star = fanout == "star"
         self._tier_name = tier
         self._cpu_mode = cpu_mode
         self._verify = verify
@@ -95,7 +95,7 @@ class WeightCache:
                     seed_replica, await_seed_s = entry.seed_replica, self._await_seed_s
                 copy = entry.copies.get(node.name)
                 if copy is None:  # the first replica on this node brings the copy
-                    chain = self._chain_locked(entry, node.name)
+                    chain = entry.relay_chain(node.name, self._unreachable, star=self._star)
                     if chain:
                         entry.copies[node.name] = NodeCopy(CopyState.FETCHING, replica_id, source=chain[0])
                         entry.fetchers[replica_id] = node.name
@@ -264,27 +264,6 @@ class WeightCache:
         for entry in doomed:
             self._objects.delete(entry)
         return dropped
-
-    def _chain_locked(self, entry: CacheEntry, node: str) -> list[str]:
-        """Where ``node``'s new copy relays from: the reachable copy with the fewest relays reading
-        from it now, the newest on a tie; then the copies that one relays from, back to the home (the
-        fallbacks if it fails). Empty if no copy is reachable."""
-        copies = [name for name in entry.copies if name != node and name not in self._unreachable]
-        if not copies:
-            return []
-
-        def readers(name: str) -> int:
-            return sum(c.state is CopyState.FETCHING and c.source == name for c in entry.copies.values())
-
-        source = min(reversed(copies), key=readers)  # min keeps the first of equals: the newest
-        chain, name = [source], source
-        # A copy dropped and relayed again may name a source downstream of its old self: stop at a loop.
-        while (name := entry.copies[name].source) in entry.copies and name not in chain:
-            if name not in self._unreachable:
-                chain.append(name)
-        if entry.home not in chain and entry.home in entry.copies and entry.home not in self._unreachable:
-            chain.append(entry.home)  # the chain was cut where a copy was dropped
-        return chain
 
     def _current_locked(self, replica_id: str) -> CacheEntry | None:
         """The entry ``replica_id`` was planned on, if it is still the live one of its identity (not

@@ -50,6 +50,29 @@ class CacheEntry:
     def state(self) -> EntryState:
         return EntryState.READY if self.copies[self.home].state is CopyState.READY else EntryState.SEEDING
 
+    def relay_chain(self, node: str, unreachable: set[str], star: bool = False) -> list[str]:
+        """Where ``node``'s new copy relays from: the reachable copy with the fewest relays reading
+        from it now, the newest on a tie (``star``: the home, always); then the copies that one relays
+        from, back to the home (the fallbacks if it fails). Empty if no copy is reachable."""
+        copies = [name for name in self.copies if name != node and name not in unreachable]
+        if star:
+            copies = [name for name in copies if name == self.home]
+        if not copies:
+            return []
+
+        def readers(name: str) -> int:
+            return sum(c.state is CopyState.FETCHING and c.source == name for c in self.copies.values())
+
+        source = min(reversed(copies), key=readers)  # min keeps the first of equals: the newest
+        chain, name = [source], source
+        # A copy dropped and relayed again may name a source downstream of its old self: stop at a loop.
+        while (name := self.copies[name].source) in self.copies and name not in chain:
+            if name not in unreachable:
+                chain.append(name)
+        if self.home not in chain and self.home in self.copies and self.home not in unreachable:
+            chain.append(self.home)  # the chain was cut where a copy was dropped
+        return chain
+
 
 class EntryObjects:
     """An entry's objects, through one client of the data system (made on first use)."""
