@@ -1,95 +1,37 @@
-"""Weights across nodes: the first fetch onto a new node against memcpy and a cold disk read, the second
-replica's map on that node, and a fan-out from one node to three.
+"""Weights across nodes with networks of their own: one relay against the link rate, and fan-out from one
+node to 2, 3 and 4, a star against the chain, over links shaped to 1 Gbit/s and unshaped.
 
-    python -m bench.nodes [--shape qwen2.5-1.5b] [--out bench/out] [--no-publish]
+    python -m bench.nodes [--shape qwen2.5-0.5b] [--gbps 1] [--fanouts 2,3,4] [--out bench/out] [--no-publish]
 
-The nodes are simulated: data system workers in one cluster on this machine (``LocalCluster``, as
-``runtime.local_nodes`` starts them), so the bytes cross loopback, not a network. In one run:
+Each node is a network namespace with its own address and link (``runtime.node_network=netns``), so the
+bytes of a relay cross a veth pair and a bridge, shaped with ``tc`` where a rate is given. Per link
+(shaped, then unshaped), per plan (``weights.fanout`` star, then chain) and per N: an App with N nodes
+and one replica (the seed, on node1) scales to N, one new replica per new node, all at once. Meanwhile
+the benchmark samples, every 0.1 s, how many bytes of each node's copy are sealed in the data system.
+Recorded: when every copy was in place and when every new replica served (``scale()`` returned: its
+first token included), since ``scale()`` was called; each relay's GB/s; and that every replica answers
+with the seed's greedy tokens. Needs root and iproute2. Nothing else may run meanwhile.
 
-1. **The weight plane**, each load in a fresh vLLM process (``bench.load_once``): vLLM's safetensors
-   loader on a cold page cache; then on a two-node cluster our seed on node1, the first replica on
-   node2 (fetch, then map) and the second replica on node2 (map). Twice, side by side: workers as the
-   App starts them, and pre-faulted (``runtime.ds_populate``). Beside them, memcpy into touched and
-   into fresh pages.
-2. **Fan-out, end to end**: an App with three nodes and one replica scales to three; r2 and r3 fetch
-   onto node2 and node3 at the same time. Its replicas must answer with the seed's greedy tokens.
-
-Writes ``<out>/nodes.json`` and ``<out>/nodes.md``, and the BENCHMARKS.md section unless --no-publish.
+Writes ``<out>/nodes.json``, ``<out>/nodes.md`` and ``<out>/nodes_fanout.png``, and the BENCHMARKS.md
+section unless --no-publish.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import platform
-import tempfile
+import threading
 import time
 from pathlib import Path
 
-import torch
-
 from app.control.demo_model import DemoShape, demo_model_dir
-from app.replica import Node
-from app.runtime.local_cluster import LocalCluster
-from app.weights.load_report import LoadReport, PlanKind
-from app.weights.plan import LOAD_FORMAT, WeightPlan
+from app.runtime.node_network import check_available
+from app.weights.host_tier import HostTier, TierError
+from app.weights.identity import RankLayout, WeightKeys
+from app.weights.manifest import Manifest
 from bench.driver import http_call
 from bench.nodes_report import report
-from bench.run import DTYPE, evict, load_once, log, memcpy_gbps, warm, weight_files
-
-
-def fresh_memcpy_gbps(nbytes: int = 1 << 30) -> float:
-    """Copy into pages never touched before: what a worker receiving a fetch pays without pre-faulting."""
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    best = float("inf")
-    for _ in range(3):
-        dst = torch.empty(nbytes, dtype=torch.uint8)
-        started = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - started)
-        del dst
-    return nbytes / best / 1e9
-
-
-def load(model: Path, kind: PlanKind, fingerprint: str, node: Node, scratch: Path,
-         fetch_from: str | None = None) -> dict:
-    """One of our loads in a fresh vLLM process; its LoadReport's figures."""
-    replica_id = f"bench-{kind.value}-{node.name}-{time.monotonic_ns()}"
-    plan = WeightPlan(kind=kind, replica_id=replica_id, fingerprint=fingerprint, node=node.name,
-                      ds_address=node.ds_address, fetch_from=fetch_from, report_path=scratch / f"{replica_id}.json")
-    result = load_once(model, LOAD_FORMAT, plan.model_dump(mode="json"))
-    if plan.report_path.exists():
-        loaded = LoadReport.model_validate_json(plan.report_path.read_text())
-        result.update(weights_s=loaded.seconds, publish_s=loaded.publish_seconds, source=loaded.source.value,
-                      node=loaded.node, fetched_from=loaded.fetched_from, fallback=loaded.fallback_reason,
-                      gbps=round(loaded.gbps, 3))
-    return result
-
-
-def weight_plane(model: Path, nbytes: int, populate: bool, scratch: Path) -> dict:
-    fingerprint = hashlib.sha256(f"bench-nodes-{populate}-{time.time()}".encode()).hexdigest()[:32]
-    cluster = LocalCluster(2, max(1024, (nbytes * 3 // 2) >> 20), populate=populate)
-    arm = "pre-faulted" if populate else "default"
-    log(f"{arm} workers: starting a two-node cluster")
-    started = time.perf_counter()
-    node1, node2 = cluster.start(timeout_s=120)
-    rows: dict = {"workers_start_s": round(time.perf_counter() - started, 2),
-                  "worker_start_s": cluster.start_seconds}
-    try:
-        warm(model)
-        log(f"{arm} workers: seed on node1 (disk, then publish)")
-        rows["seed"] = load(model, PlanKind.SEED, fingerprint, node1, scratch)
-        log(f"{arm} workers: first replica on node2 (fetch from node1, then map)")
-        rows["fetch"] = load(model, PlanKind.MAP, fingerprint, node2, scratch, fetch_from="node1")
-        log(f"{arm} workers: second replica on node2 (map)")
-        rows["map"] = load(model, PlanKind.MAP, fingerprint, node2, scratch)
-        log(f"{arm} workers: a replica on node1, the seed's node (map), for comparison")
-        rows["map_home"] = load(model, PlanKind.MAP, fingerprint, node1, scratch)
-    finally:
-        cluster.stop()
-    return rows
+from bench.run import DTYPE, conditions, log
 
 
 def greedy(url: str, model: str) -> list[int]:
@@ -100,57 +42,107 @@ def greedy(url: str, model: str) -> list[int]:
     return json.loads(body)["choices"][0]["token_ids"]
 
 
-def fan_out(model: Path, nbytes: int, cache: Path) -> dict:
+class CopySampler:
+    """Every ``interval_s``, the bytes of each node's copy sealed in the data system (its relayed keys)."""
+
+    def __init__(self, ds_address: str, fingerprint: str, nodes: list[str], interval_s: float = 0.1) -> None:
+        self._tier = HostTier(ds_address)
+        keys = WeightKeys(fingerprint, RankLayout())
+        manifest = Manifest.model_validate_json(bytes(self._tier.get([keys.manifest])[0]))
+        self._sizes = [entry.nbytes for entry in manifest.tensors]
+        self._keys = {node: keys.on(node).tensors(len(self._sizes)) for node in nodes}
+        self._interval_s = interval_s
+        self.samples: list[dict] = []  # {"t": seconds since start, node: bytes in place}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def total(self) -> int:
+        return sum(self._sizes)
+
+    def start(self, started: float) -> None:
+        self._started = started
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            sample: dict = {"t": round(time.perf_counter() - self._started, 3)}
+            for node, names in self._keys.items():
+                try:
+                    sample[node] = sum(size for size, present in zip(self._sizes, self._tier.exists(names)) if present)
+                except TierError:
+                    sample[node] = None
+            self.samples.append(sample)
+            if self._stop.wait(self._interval_s):
+                return
+
+    def in_place_at(self, node: str) -> float | None:
+        """The first sample at which ``node``'s whole copy was sealed."""
+        return next((s["t"] for s in self.samples if s.get(node) == self.total), None)
+
+
+def fan_out(model: Path, cache: Path, nodes: int, fanout: str, gbps: float | None) -> dict:
     from app import App, AppConfig
 
     config = AppConfig.load(env={}, overrides={
         "model": str(model), "router.port": 0, "engine.dtype": DTYPE, "engine.max_model_len": 512,
-        "engine.threads": 1, "runtime.local_nodes": 3,
-        "runtime.ds_shared_memory_mb": max(1024, nbytes * 3 // 2 >> 20), "demo_cache_dir": str(cache)})
+        "engine.threads": 1, "runtime.local_nodes": nodes, "runtime.node_network": "netns",
+        "runtime.link_gbps": gbps, "weights.fanout": fanout, "demo_cache_dir": str(cache)})
+    link = f"{gbps:g} Gbit/s" if gbps else "unshaped"
     with App(config) as app:
-        # Both new replicas fork from the zygote at once: their fetches overlap.
-        log("fan-out: scale from 1 replica (node1) to 3 (node2 and node3 fetch at once)")
-        scaled = app.scale(3)
+        fingerprint = app.status()["weight_cache"]["entries"][0]["fingerprint"]
+        new_nodes = [f"node{index}" for index in range(2, nodes + 1)]
+        sampler = CopySampler(app.status()["ds_address"], fingerprint, new_nodes)
+        log(f"{link}, {fanout}: scale from 1 replica (node1) to {nodes}, one new replica per new node")
+        started = time.perf_counter()
+        sampler.start(started)
+        scaled = app.scale(nodes)
+        serve_s = time.perf_counter() - started
+        sampler.stop()
         status = app.status()
         tokens = {r["replica_id"]: greedy(r["url"], app.served_model_name) for r in status["replicas"]}
         seed_tokens = tokens[app.start_report.replicas[0].replica_id]
-        data = scaled.to_dict()
-        requested = min(r.timeline["requested"] for r in scaled.replicas)
-        for replica, source in zip(data["replicas"], scaled.replicas):
-            if source.weights is not None:  # when its fetch began and ended, in seconds since scale()
-                replica["fetch_began_s"] = round(source.weights.finished_at - source.weights.seconds - requested, 2)
-                replica["fetch_ended_s"] = round(source.weights.finished_at - requested, 2)
-        began = [r["fetch_began_s"] for r in data["replicas"] if "fetch_began_s" in r]
-        ended = [r["fetch_ended_s"] for r in data["replicas"] if "fetch_ended_s" in r]
-        return {"scale_s": scaled.seconds, "ok": scaled.ok, "replicas": data["replicas"],
-                "copies_s": round(max(ended) - min(began), 3) if began else None,
-                "fetches": status["weight_cache"]["fetches"],
-                "identical_tokens": all(t == seed_tokens for t in tokens.values())}
+    relays = [{"replica_id": r.replica_id, "node": r.node, "source": r.weights.source.value,
+               "fetched_from": r.weights.fetched_from, "failovers": r.weights.fetch_failovers,
+               "relay_s": r.weights.fetch_seconds, "fallback": r.weights.fallback_reason,
+               "in_place_s": sampler.in_place_at(r.node)}
+              for r in scaled.replicas if r.action == "added" and r.weights is not None]
+    for relay in relays:
+        relay["gbps"] = round(sampler.total / relay["relay_s"] / 1e9, 4) if relay["relay_s"] else None
+    in_place = [relay["in_place_s"] for relay in relays]
+    first_byte = next((s["t"] for s in sampler.samples if any(s.get(node) for node in new_nodes)), None)
+    return {"nodes": nodes, "fanout": fanout, "link_gbps": gbps, "ok": scaled.ok, "bytes": sampler.total,
+            "copies_in_place_s": max(in_place) if in_place and None not in in_place else None,
+            "first_byte_s": first_byte, "serving_s": round(serve_s, 3), "relays": relays, "samples": sampler.samples,
+            "identical_tokens": all(t == seed_tokens for t in tokens.values())}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default=DemoShape.QWEN2_5_1_5B.value, choices=[s.value for s in DemoShape])
+    parser.add_argument("--shape", default=DemoShape.QWEN2_5_0_5B.value, choices=[s.value for s in DemoShape])
+    parser.add_argument("--gbps", type=float, default=1.0, help="the shaped links' rate")
+    parser.add_argument("--fanouts", default="2,3,4", help="node counts to fan out to, from one")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--no-publish", action="store_true", help="do not rewrite BENCHMARKS.md's section")
     args = parser.parse_args()
+    check_available()
     args.out.mkdir(parents=True, exist_ok=True)
     cache = Path.home() / ".cache" / "yrllm"
     model = demo_model_dir(cache, DemoShape(args.shape), DTYPE)
-    nbytes = sum(path.stat().st_size for path in weight_files(model))
-    result: dict = {"model": f"{args.shape} shape (demo, random weights), {DTYPE}", "weight_bytes": nbytes,
-                    "cpus": os.cpu_count(), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                    "memcpy_gbps": round(memcpy_gbps(), 2), "fresh_memcpy_gbps": round(fresh_memcpy_gbps(), 2)}
-    with tempfile.TemporaryDirectory(prefix="yrllm-bench-nodes-") as scratch:
-        evict(model)
-        log("vLLM safetensors, cold page cache")
-        result["cold_disk"] = load_once(model, "safetensors")
-        if result["cold_disk"].get("weights_s"):
-            result["cold_disk"]["gbps"] = round(nbytes / result["cold_disk"]["weights_s"] / 1e9, 3)
-        result["arms"] = {"default": weight_plane(model, nbytes, False, Path(scratch)),
-                          "populate": weight_plane(model, nbytes, True, Path(scratch))}
-    result["fan_out"] = fan_out(model, nbytes, cache)
-    (args.out / "nodes.json").write_text(json.dumps(result, indent=2))
+    counts = [int(n) for n in args.fanouts.split(",")]
+    result: dict = {"conditions": conditions(argparse.Namespace(quick=False)), "shape": args.shape,
+                    "link_gbps": args.gbps, "runs": []}
+    for gbps in (args.gbps, None):
+        for fanout in ("star", "chain"):
+            for nodes in counts:
+                if fanout == "star" and nodes == 2:
+                    continue  # one new node: the star and the chain are the same plan
+                result["runs"].append(fan_out(model, cache, nodes, fanout, gbps))
+                (args.out / "nodes.json").write_text(json.dumps(result, indent=2))  # what is done so far
     report(result, args.out, publish=not args.no_publish)
 
 

@@ -1,100 +1,111 @@
-"""The cross-node weights benchmark's report (``bench.nodes``): fetch against memcpy and a cold disk read,
-the map after it, the fan-out, which worker flags pay off, and the BENCHMARKS.md section."""
+"""The cross-node weights benchmark's report (``bench.nodes``): one relay against the link rate, fan-out
+star against chain, the targets, the plot of copies in place over time, and the BENCHMARKS.md section."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from bench.report import write_section
+from bench.run import host_line
 
 TITLE = "Weights across nodes"
 
 
-def _seconds(row: dict, key: str = "weights_s") -> str:
-    value = row.get(key)
-    return f"{value:.3f} s" if value is not None else f"failed: {row.get('error') or row.get('fallback')}"
+def _span(run: dict) -> float | None:
+    """From the first byte of any copy sealed to the last copy complete: the transfer itself."""
+    if run["copies_in_place_s"] is None or run["first_byte_s"] is None:
+        return None
+    return run["copies_in_place_s"] - run["first_byte_s"]
 
 
-def _rate(row: dict, nbytes: int) -> str:
-    seconds = row.get("weights_s")
-    return f"{_seconds(row)} ({nbytes / seconds / 1e9:.2f} GB/s)" if seconds else _seconds(row)
+def _s(value: float | None) -> str:
+    return f"{value:.2f} s" if value is not None else "n/a"
 
 
-def _replica_row(replica: dict) -> str:
-    weights = replica.get("weights") or {}
-    origin = f"{weights.get('plan')} from {weights.get('source')}"
-    if weights.get("fetched_from"):
-        origin += f", fetched from {weights['fetched_from']}"
-    seconds = weights.get("seconds") or 0.0
-    gbps = weights.get("bytes", 0) / seconds / 1e9 if seconds else 0.0
-    span = f"{replica.get('fetch_began_s', 0):.2f} / {replica.get('fetch_ended_s', 0):.2f}"
-    return f"| {replica['replica_id']} | {replica.get('node')} | {origin} | {span} | {seconds:.3f} | {gbps:.2f} |"
+def _met(ok: bool) -> str:
+    return "**met**" if ok else "**MISSED**"
+
+
+def _table(runs: list[dict], gbps: float | None) -> list[str]:
+    link = f"links shaped to {gbps:g} Gbit/s both ways" if gbps else "unshaped links"
+    lines = [f"**{link.capitalize()}**", "",
+             "| fan-out | plan | copies in place (since `scale()`) | transfer (first byte → last copy) | "
+             "every new replica serving | relays (from → to: GB/s) | tokens |", "|---|---|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: (r["nodes"], r["fanout"] != "star")):
+        relays = ", ".join(f"{r['fetched_from'] or 'disk'}→{r['node']}: {r['gbps'] or 0:.3f}"
+                           + (f" ({len(r['failovers'])} failover)" if r["failovers"] else "")
+                           for r in sorted(run["relays"], key=lambda r: r["node"]))
+        tokens = "same as the seed" if run["identical_tokens"] else "DIFFER"
+        lines.append(f"| 1 → {run['nodes']} | {run['fanout']} | {_s(run['copies_in_place_s'])} | {_s(_span(run))} | "
+                     f"{_s(run['serving_s'])} | {relays} | {tokens} |")
+    return lines + [""]
+
+
+def _plot(result: dict, out: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    shaped = [r for r in result["runs"] if r["link_gbps"]]
+    most = max((r["nodes"] for r in shaped), default=0)
+    runs = [r for r in shaped if r["nodes"] == most]
+    if not runs:
+        return None
+    figure, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), sharey=True)
+    for axis, run in zip(axes if len(runs) > 1 else [axes], runs):
+        for node in sorted({k for s in run["samples"] for k in s if k != "t"}):
+            axis.plot([s["t"] for s in run["samples"]], [(s.get(node) or 0) / 1e9 for s in run["samples"]],
+                      label=node)
+        axis.set_title(f"1 → {run['nodes']} nodes, {run['fanout']}, {run['link_gbps']:g} Gbit/s links")
+        axis.set_xlabel("seconds since scale()")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    (axes[0] if len(runs) > 1 else axes).set_ylabel("GB of the node's copy sealed")
+    figure.tight_layout()
+    path = out / "nodes_fanout.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path.name
 
 
 def report(result: dict, out: Path, publish: bool) -> None:
-    nbytes, arms, fan = result["weight_bytes"], result["arms"], result["fan_out"]
-    default, populate = arms["default"], arms["populate"]
-    cold = result["cold_disk"]
-
-    def starts(arm: dict) -> str:
-        times = arm["worker_start_s"]
-        return f"{times['node2']:.1f} s head, {times['node1']:.1f} s joining"
-
-    def seed(arm: dict) -> str:
-        row = arm["seed"]
-        return f"{_seconds(row)} + {row['publish_s']:.2f} s publish" if row.get("publish_s") is not None \
-            else _seconds(row)
-
-    def bytes_from(arm: dict, step: str) -> str:
-        row = arm[step]
-        where = f"{row.get('source')} on {row.get('node')}" + (
-            f", fetched from {row['fetched_from']}" if row.get("fetched_from") else "")
-        return where + (f"; FELL BACK: {row['fallback']}" if row.get("fallback") else "")
-
-    fetch_s, map_s = default["fetch"].get("weights_s"), default["map"].get("weights_s")
-    cold_s = cold.get("weights_s")
-    replicas = [r for r in fan["replicas"] if r["action"] == "added"]
+    runs, gbps = result["runs"], result["link_gbps"]
+    shaped = [r for r in runs if r["link_gbps"]]
+    unshaped = [r for r in runs if not r["link_gbps"]]
+    one = next((r for r in shaped if r["nodes"] == 2 and r["fanout"] == "chain"), None)
+    most = max((r["nodes"] for r in shaped), default=2)
+    chain = next((r for r in shaped if r["nodes"] == most and r["fanout"] == "chain"), None)
+    star = next((r for r in shaped if r["nodes"] == most and r["fanout"] == "star"), None)
+    link_gbs = gbps / 8
+    one_gbps = one["relays"][0]["gbps"] if one and one["relays"] and one["relays"][0]["gbps"] else 0.0
+    ratio = _span(chain) / _span(one) if chain and one and _span(chain) and _span(one) else None
+    star_ratio = _span(star) / _span(one) if star and one and _span(star) and _span(one) else None
+    plot = _plot(result, out)
+    c = result["conditions"]
     lines = [
-        f"{result['model']}, {nbytes / 1e9:.2f} GB of weights, on this {result['cpus']}-core {result['machine']} "
-        f"machine ({result['date']}). The nodes are simulated: data system workers in one cluster on this "
-        "machine (`runtime.local_nodes`), so the bytes cross loopback, not a network. Each load runs in a fresh "
-        "vLLM process; the times are the load format's own (LoadReport), vLLM's start-up not included. "
-        "Nothing else was running.", "",
-        "| | default workers | pre-faulted workers (`runtime.ds_populate`) |", "|---|---|---|",
-        f"| worker start | {starts(default)} | {starts(populate)} |",
-        f"| seed on node1 (disk, warm page cache, then publish) | {seed(default)} | {seed(populate)} |",
-        f"| **first replica on node2: fetch from node1, then map** | **{_rate(default['fetch'], nbytes)}** | "
-        f"**{_rate(populate['fetch'], nbytes)}** |",
-        f"| second replica on node2: map its copy | {_seconds(default['map'])} | {_seconds(populate['map'])} |",
-        f"| a replica on node1 (the seed's node): map | {_seconds(default['map_home'])} | "
-        f"{_seconds(populate['map_home'])} |",
-        f"| where the second replica's bytes came from | {bytes_from(default, 'map')} | "
-        f"{bytes_from(populate, 'map')} |", "",
-        "For comparison, in the same run:", "",
-        f"- vLLM's safetensors loader, cold page cache: {_rate(cold, nbytes)}.",
-        f"- memcpy between touched buffers: {result['memcpy_gbps']:.2f} GB/s; into fresh pages: "
-        f"{result['fresh_memcpy_gbps']:.2f} GB/s. A fetch writes into the receiving worker's shared memory, "
-        "fresh pages unless the worker pre-faulted them: that first touch is what bounds it here.", "",
-        "**Fan-out from 1 node to 3**, end to end: an App with three nodes and one replica (node1), then "
-        "`scale(3)`, both new replicas forked from the zygote at once (one engine "
-        f"thread each): r2 and r3 fetch onto node2 and node3 at the same time. `scale()` took "
-        f"**{fan['scale_s']:.2f} s** until both served (engine start-up included); both copies were in place "
-        f"{fan['copies_s']:.2f} s after the first fetch began. The WeightCache counted {fan['fetches']} "
-        f"cross-node fetches; the replicas answered {'with' if fan['identical_tokens'] else 'WITHOUT'} the "
-        "seed's greedy tokens.", "",
-        "| replica | node | weights | fetch began / ended (s after `scale()`) | seconds | GB/s |",
-        "|---|---|---|---|---|---|",
-        *[_replica_row(replica) for replica in replicas], "",
-        "Checks:", "",
-        "| check | measured | met |", "|---|---|---|",
-        f"| one cross-node fetch per new node (fan-out) | {fan['fetches']} fetches for 2 nodes | "
-        f"{'yes' if fan['fetches'] == 2 else 'no'} |",
-        f"| identical greedy tokens on every node | {fan['identical_tokens']} | "
-        f"{'yes' if fan['identical_tokens'] else 'no'} |",
-        f"| the first fetch beats a cold disk read | {fetch_s or 0:.2f} s against {cold_s or 0:.2f} s | "
-        f"{'yes' if fetch_s and cold_s and fetch_s < cold_s else 'no'} |",
-        f"| the second replica on the node maps in ≤ 0.1 s | {map_s or 0:.3f} s | "
-        f"{'yes' if map_s is not None and map_s <= 0.1 else 'no'} |",
+        f"Host: {host_line(c)}. {c['date']}. The {result['shape']} shape (demo, random weights, {c['dtype']}), "
+        f"{(one or runs[0])['bytes'] / 1e9:.2f} GB of weights. Each node is a network namespace with its own "
+        "address, a veth pair to a bridge and its own data system worker (`runtime.node_network=netns`); its "
+        "replicas' engines run inside it. Per row: an App with N nodes and one replica (the seed, node1) "
+        "scales to N, one new replica per new node, all at once; a sampler reads every 0.1 s how many bytes "
+        "of each new node's copy are sealed. Seed from a warm page cache; nothing else was running. One run.", "",
+        *_table(shaped, gbps), *_table(unshaped, None),
+        "A star reads every copy from node1, so node1's link carries N-1 copies; the chain relays them "
+        "node1 → node2 → node3 → node4, each node passing on 64 MiB batches as they are sealed "
+        "(`app.weights.relay`).", "",
+        *([f"![copies in place over time]({plot})", ""] if plot else []),
+        "Targets (shaped links):", "",
+        "| target | measured | |", "|---|---|---|",
+        f"| one relay ≥ 85 % of the link rate ({link_gbs:.3f} GB/s) | {one_gbps:.3f} GB/s = "
+        f"{one_gbps / link_gbs * 100:.0f} % | {_met(one_gbps >= 0.85 * link_gbs)} |",
+        f"| fan-out 1 → {most} within 1.5× one relay's time (transfer, first byte → last copy) | chain "
+        f"{_s(_span(chain))} = {ratio or 0:.2f}× {_s(_span(one))}; star {_s(_span(star))} = {star_ratio or 0:.2f}× | "
+        f"{_met(ratio is not None and ratio <= 1.5)} |",
+        f"| identical greedy tokens on every node, every run | {sum(r['identical_tokens'] for r in runs)}/"
+        f"{len(runs)} runs | {_met(all(r['identical_tokens'] for r in runs))} |",
         "",
     ]
     write_section(out, "nodes", TITLE, "\n".join(lines), publish)

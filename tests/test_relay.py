@@ -24,7 +24,7 @@ from app.weights.plan import WeightPlan
 loader = pytest.importorskip("app.weights.loader")  # needs vLLM, like the engine that runs the relay
 seeding = pytest.importorskip("app.weights.seeding")
 
-TENSORS = 12  # of 1 MiB each, in batches of 2: six batches to pipeline
+TENSORS = 12  # of 1 MiB each in batches of 2, but the fourth of 5 MiB, relayed in three parts
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def tier(cluster, node: str) -> HostTier:
 def seeded(cluster, fingerprint: str) -> tuple[WeightKeys, list[tuple[str, torch.Tensor]], Manifest]:
     """An entry published on node1, the seed's node, under the entry's own keys."""
     keys = WeightKeys(fingerprint, RankLayout())
-    params = [(f"w{i}", torch.randn(512, 512)) for i in range(TENSORS)]
+    params = [(f"w{i}", torch.randn(1280 if i == 3 else 256, 1024)) for i in range(TENSORS)]
     home = tier(cluster, "node1")
     seeding.publish_copy(home, keys, RankLayout(), params, SimpleNamespace(dtype=torch.float32))
     return keys, params, Manifest.model_validate_json(bytes(home.get([keys.manifest])[0]))
@@ -87,12 +87,14 @@ def test_a_chain_relays_in_step_and_the_second_new_node_reads_from_the_first(clu
     for node in ("node2", "node3"):
         assert_copy_on(cluster, node, keys, params)
         assert tier(cluster, node).exists([keys.on(node).manifest]) == [True]  # complete: its manifest is last
+        assert not any(tier(cluster, node).exists([keys.on(node).chunk(3, part) for part in range(3)]))
 
 
 def test_a_source_that_stops_mid_relay_is_left_for_the_one_before_it(cluster):
     keys, params, manifest = seeded(cluster, "b2" * 16)
-    # node2 relayed its first two batches, then stopped (its engine died, its worker lives on).
-    seeding.publish_copy(tier(cluster, "node2"), keys.on("node2"), RankLayout(), params[:4],
+    # node2 relayed its first two batches and the large tensor, then stopped (its engine died, its worker
+    # lives on).
+    seeding.publish_copy(tier(cluster, "node2"), keys.on("node2"), RankLayout(), params[:5],
                          SimpleNamespace(dtype=torch.float32))
     node3 = next(n.ds_address for n in cluster.nodes if n.name == "node3")
     relayed = relay_module.relay(tier(cluster, "node3"), keys, plan_for("node3", ["node2", "node1"], node3), manifest)

@@ -152,6 +152,10 @@ class WeightKeys:
     def tensor(self, index: int) -> str:
         return check_key(f"{self.prefix}_t{index}")
 
+    def chunk(self, index: int, part: int) -> str:
+        """Part ``part`` of tensor ``index``, while a relay holds the tensor unsealed (``app.weights.relay``)."""
+        return check_key(f"{self.prefix}_t{index}_c{part}")
+
     def tensors(self, count: int) -> list[str]:
         return [self.tensor(index) for index in range(count)]
 

@@ -1,9 +1,11 @@
-"""A node's copy of the weights, relayed from another node's copy batch by batch, pipelined.
+"""A node's copy of the weights, relayed from another node's copy piece by piece, pipelined.
 
 The first replica on a node brings the node its copy: it reads a source node's keys through its own
-worker (the bytes cross the link once), copies each batch into objects under its own node's keys
-(``WeightKeys.on``) and seals them, the copy's manifest last. A node after it in a chain reads those
-keys as soon as they are sealed, so node k+1 reads batch i from node k while node k reads batch i+1:
+worker (the bytes cross the link once), copies each piece into objects under its own node's keys
+(``WeightKeys.on``) and seals them, the copy's manifest last. A piece is a batch of whole tensors or
+one part of a tensor larger than a batch; a large tensor's object is sealed with its last part, and
+each part is sealed meanwhile as a transit chunk of its own. A node after it in a chain reads those
+keys as soon as they are sealed, so node k+1 reads piece i from node k while node k reads piece i+1:
 the time to N nodes stays close to the time to one, where a star would push N copies through the
 seed's link. The WeightCache plans who relays from whom (``app.weights.cache``).
 
@@ -12,19 +14,23 @@ read on a third node takes about half the bytes from each holder whatever the li
 (REFERENCE.md). Keys that only one worker holds make the source explicit. The App's workers run
 without data replication, so a read across leaves no second copy beside the relayed one.
 
-A source that fails (a read error or timeout, or a batch not sealed within a batch's timeout: the
-node died, or was cut off) costs a switch to the next source of the plan, the one it relayed from,
-from the same batch. With none left the relay fails with every reason, and the loader reads the disk.
+A source that fails (a read error or timeout, or a piece not sealed within its timeout: the node
+died, or was cut off) costs a switch to the next source of the plan, the one it relayed from, from
+the same piece. With none left the relay fails with every reason, and the loader reads the disk.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
 from vllm.logger import init_logger
 
-from app.weights.host_tier import HostTier, TierError, batches_by_bytes
+from app.weights.host_tier import HostTier, TierError
 from app.weights.identity import WeightKeys
 from app.weights.manifest import Manifest
 from app.weights.plan import WeightPlan
@@ -38,6 +44,7 @@ BATCH_BYTES = 64 << 20
 # than a batch): several relays may share one shaped link, and only a dead source may trip it.
 SLOWEST_BYTES_PER_S = 20e6
 _POLL_S = 0.02
+READS_IN_FLIGHT = 2
 
 
 @dataclass
@@ -47,58 +54,163 @@ class Relayed:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """What the relay moves at a time: whole tensors (a batch), or one part of a tensor larger than a batch."""
+
+    tensors: tuple[int, ...] = ()
+    tensor: int = -1  # a part: of this tensor
+    part: int = 0
+    offset: int = 0
+    nbytes: int = 0
+    last: bool = False  # the tensor's last part
+
+
+def _pieces(sizes: list[int]) -> list[_Piece]:
+    """Whole tensors in batches of at most BATCH_BYTES, in order; a larger tensor in parts of that size.
+
+    Parts are what keep a chain in step: a node passes a tensor on part by part, so each hop lags the
+    one before it by one part, not by the largest tensor (the 0.5B shape's embedding is 27 % of it)."""
+    pieces: list[_Piece] = []
+    batch: list[int] = []
+    for index, size in enumerate(sizes):
+        if size > BATCH_BYTES:
+            starts = range(0, size, BATCH_BYTES)
+            pieces += [_Piece(tensor=index, part=part, offset=start, nbytes=min(BATCH_BYTES, size - start),
+                              last=part == len(starts) - 1) for part, start in enumerate(starts)]
+            continue
+        if batch and sum(sizes[i] for i in batch) + size > BATCH_BYTES:
+            pieces.append(_Piece(tensors=tuple(batch), nbytes=sum(sizes[i] for i in batch)))
+            batch = []
+        batch.append(index)
+    if batch:
+        pieces.append(_Piece(tensors=tuple(batch), nbytes=sum(sizes[i] for i in batch)))
+    return pieces
+
+
 def relay(tier: HostTier, keys: WeightKeys, plan: WeightPlan, manifest: Manifest) -> Relayed:
     """Bring ``plan.node`` its copy of the entry ``keys`` from ``plan.sources``; see the module docstring.
     Raises TierError, having removed what it created."""
     started, own = time.perf_counter(), keys.on(plan.node)
     sizes = [entry.nbytes for entry in manifest.tensors]
-    sources, failovers = list(plan.sources), []
     logger.info("Relaying %d tensors (%.2f GB) onto %s from %s", len(sizes), sum(sizes) / 1e9, plan.node,
-                " then ".join(sources))
+                " then ".join(plan.sources))
+    state, pieces = _Sources(keys, plan), _pieces(sizes)
+    everything = own.copy_keys(len(sizes)) + [own.chunk(p.tensor, p.part) for p in pieces if not p.tensors]
+    open_tensors: dict[int, tuple[object, memoryview]] = {}  # large tensors being filled part by part
     try:
-        if any(tier.exists(own.copy_keys(len(sizes)))):  # left by a relay onto this node that died
-            _remove(tier, own, len(sizes))
-        for indices, nbytes in batches_by_bytes(list(range(len(sizes))), sizes, BATCH_BYTES):
-            timeout_ms = max(plan.timeout_ms, int(nbytes / SLOWEST_BYTES_PER_S * 1000))
-            while True:
-                source = keys if sources[0] == plan.home_node else keys.on(sources[0])
-                try:
-                    views = _read_when_sealed(tier, [source.tensor(i) for i in indices], timeout_ms)
-                    break
-                except TierError as exc:
-                    failovers.append(f"{sources.pop(0)}: {exc}")
-                    if not sources:
-                        raise TierError("every source failed: " + "; ".join(failovers)) from None
-                    logger.warning("Relaying from %s failed (%s); going on from %s at tensor %d", failovers[-1],
-                                   exc, sources[0], indices[0])
-            created = tier.create([own.tensor(i) for i in indices], [sizes[i] for i in indices])
-            for (_, target), view in zip(created, views):
-                target[:] = view
-            tier.seal(created)
+        _remove(tier, everything)  # what a relay onto this node that died left
+        # The next pieces cross the link while this one is copied into its objects, so the link never
+        # waits for a copy or for a request's round trip.
+        with ThreadPoolExecutor(max_workers=READS_IN_FLIGHT, thread_name_prefix="relay-read") as reader:
+            pending = [reader.submit(state.read, tier, piece) for piece in pieces[:READS_IN_FLIGHT]]
+            for index, piece in enumerate(pieces):
+                views = pending.pop(0).result()
+                if index + READS_IN_FLIGHT < len(pieces):
+                    pending.append(reader.submit(state.read, tier, pieces[index + READS_IN_FLIGHT]))
+                if piece.tensors:
+                    _store(tier, [own.tensor(i) for i in piece.tensors], views)
+                else:
+                    _store_part(tier, own, piece, views[0], sizes, open_tensors)
         tier.put([(own.manifest, memoryview(manifest.model_dump_json().encode()))])
     except TierError:
-        _remove(tier, own, len(sizes))
+        _remove(tier, everything)
         raise
     seconds = time.perf_counter() - started
-    logger.info("Relayed %.2f GB onto %s from %s in %.2f s (%.2f GB/s)", sum(sizes) / 1e9, plan.node, sources[0],
-                seconds, sum(sizes) / 1e9 / seconds)
-    return Relayed(sources[0], failovers, seconds)
+    logger.info("Relayed %.2f GB onto %s from %s in %.2f s (%.2f GB/s)", sum(sizes) / 1e9, plan.node,
+                state.sources[0], seconds, sum(sizes) / 1e9 / seconds)
+    return Relayed(state.sources[0], state.failovers, seconds)
 
 
-def _read_when_sealed(tier: HostTier, names: list[str], timeout_ms: int) -> list:
-    """The values of ``names`` once the source has sealed them all (a source still relaying seals
-    them as its own batches land), read within ``timeout_ms``."""
+def _store(tier: HostTier, names: list[str], views: list[memoryview]) -> None:
+    created = tier.create(names, [len(view) for view in views])
+    for (_, target), view in zip(created, views):
+        _copy(view, target)
+    tier.seal(created)
+
+
+def _store_part(tier: HostTier, own: WeightKeys, piece: _Piece, view: memoryview, sizes: list[int],
+                open_tensors: dict[int, tuple[object, memoryview]]) -> None:
+    """Copy a part into its tensor's object (sealed with the last part), and seal it on its own as a
+    transit chunk for the next node meanwhile; the chunks go once the whole tensor is sealed."""
+    if piece.part == 0:
+        open_tensors[piece.tensor] = tier.create([own.tensor(piece.tensor)], [sizes[piece.tensor]])[0]
+    _copy(view, open_tensors[piece.tensor][1][piece.offset:piece.offset + piece.nbytes])
+    _store(tier, [own.chunk(piece.tensor, piece.part)], [view])
+    if piece.last:
+        tier.seal([open_tensors.pop(piece.tensor)])
+        _remove(tier, [own.chunk(piece.tensor, part) for part in range(piece.part + 1)])
+
+
+class _Sources:
+    """The sources left to read from, the current first, and those given up with why; shared by the
+    reads in flight."""
+
+    def __init__(self, keys: WeightKeys, plan: WeightPlan) -> None:
+        self._keys = keys
+        self._plan = plan
+        self._lock = threading.Lock()
+        self.sources = list(plan.sources)
+        self.failovers: list[str] = []
+
+    def read(self, tier: HostTier, piece: _Piece) -> list[memoryview]:
+        """One piece's bytes, from the current source or, when it fails, the next ones in turn."""
+        timeout_ms = max(self._plan.timeout_ms, int(piece.nbytes / SLOWEST_BYTES_PER_S * 1000))
+        while True:
+            with self._lock:
+                if not self.sources:
+                    raise TierError("every source failed: " + "; ".join(self.failovers))
+                node = self.sources[0]
+            source = self._keys if node == self._plan.home_node else self._keys.on(node)
+            try:
+                return _read_when_sealed(tier, source, piece, timeout_ms)
+            except TierError as exc:
+                with self._lock:
+                    if self.sources and self.sources[0] == node:  # not given up by the other read already
+                        self.failovers.append(f"{self.sources.pop(0)}: {exc}")
+                        logger.warning("Relaying from %s failed; going on from %s", self.failovers[-1],
+                                       self.sources[0] if self.sources else "nowhere")
+
+
+def _copy(view: memoryview, target: memoryview) -> None:
+    """torch's copy, not ``target[:] = view``: it lets go of the GIL, which the data system client's
+    read holds for as long as the read takes (measured), so the next batch can cross the link meanwhile."""
+    with warnings.catch_warnings():  # the source view is read-only; it is only read
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        torch.frombuffer(target, dtype=torch.uint8).copy_(torch.frombuffer(view, dtype=torch.uint8))
+
+
+def _read_when_sealed(tier: HostTier, source: WeightKeys, piece: _Piece, timeout_ms: int) -> list[memoryview]:
+    """A piece's bytes once the source has them sealed, read within ``timeout_ms``. A source still
+    relaying seals its batches as they land, and a large tensor's parts as transit chunks until the
+    whole tensor is sealed, when the chunks go: a part is read from whichever is there."""
     deadline = time.monotonic() + timeout_ms / 1000
-    while not all(tier.exists(names)):
+    while True:
+        if piece.tensors:
+            names = [source.tensor(i) for i in piece.tensors]
+            if all(tier.exists(names)):
+                return tier.get(names, timeout_ms=timeout_ms)
+        else:
+            whole, chunk = tier.exists([source.tensor(piece.tensor), source.chunk(piece.tensor, piece.part)])
+            try:
+                if whole:
+                    return [tier.read_range(source.tensor(piece.tensor), piece.offset, piece.nbytes)]
+                if chunk:
+                    return tier.get([source.chunk(piece.tensor, piece.part)], timeout_ms=timeout_ms)
+            except TierError:
+                if time.monotonic() > deadline:  # else: the chunk went as the whole tensor was sealed
+                    raise
         if time.monotonic() > deadline:
-            raise TierError(f"{names[0]}.. not there within {timeout_ms / 1000:.0f} s")
+            what = f"tensor {piece.tensors[0]}.." if piece.tensors else f"part {piece.part} of tensor {piece.tensor}"
+            raise TierError(f"{what} not there within {timeout_ms / 1000:.0f} s")
         time.sleep(_POLL_S)
-    return tier.get(names, timeout_ms=timeout_ms)
 
 
-def _remove(tier: HostTier, own: WeightKeys, tensors: int) -> None:
-    """Best effort: a later relay onto this node creates the same keys again."""
+def _remove(tier: HostTier, names: list[str]) -> None:
+    """Delete those of ``names`` that exist (best effort: a later relay onto this node deletes them too)."""
     try:
-        tier.delete(own.copy_keys(tensors))
+        present = [name for name, there in zip(names, tier.exists(names)) if there]
+        if present:
+            tier.delete(present)
     except TierError as exc:
-        logger.warning("could not remove the partial copy %s: %s", own.prefix, exc)
+        logger.warning("could not remove %s..: %s", names[0], exc)
