@@ -8,7 +8,8 @@ sent alternately to a replica directly and through the Router, one at a time, no
 Then ``--clients`` threads stream completions back to back for ``--seconds`` while a schedule
 SIGKILLs an engine server, an EngineCore and the data system worker, and SIGSTOPs a replica (server and
 core) for 10 s. Per fault: requests failed (before streaming, mid-stream), time to detect (the
-supervision event), time until the desired count was ready again. Writes ``<out>/chaos.json`` (every request),
+supervision event), time until the desired count was ready again. Where this host can make network
+namespaces, a fourth kind follows on an App of three nodes: a partition (``bench.partition``). Writes ``<out>/chaos.json`` (every request),
 ``<out>/chaos.md`` and ``<out>/chaos-driver.log`` (the App's logs), and its BENCHMARKS.md sections when
 ``--out`` is the default.
 """
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from app.runtime.node_network import NodeNetworkError, check_available
 from bench.chaos_report import DEFAULT_OUT, report
 from bench.driver import ds_worker_pid, start_driver, status, stop_driver, wait_until_quiet
 from bench.run import conditions
@@ -141,10 +143,18 @@ def run(args: argparse.Namespace) -> dict:
         wait_until_quiet()  # the replicas' start-up work would be timed as the Router's cost
         overhead = router_overhead(url, model, args.overhead_rounds)
         print(f"router overhead: {overhead}", flush=True)
-        return {**chaos(driver, url, model, args), "router_overhead": overhead,
-                "conditions": conditions(argparse.Namespace(quick=False))}
+        result = {**chaos(driver, url, model, args), "router_overhead": overhead,
+                  "conditions": conditions(argparse.Namespace(quick=False))}
     finally:
         stop_driver(driver)
+    try:
+        check_available()
+    except NodeNetworkError as exc:
+        print(f"no partition drill: {exc}", flush=True)
+        return result
+    print("partition drill: three nodes in network namespaces", flush=True)
+    result["partition"] = partition_drill(args.clients, args.tokens, args.out / "chaos-partition-driver.log")
+    return result
 
 
 def chaos(driver: subprocess.Popen, url: str, model: str, args: argparse.Namespace) -> dict:
@@ -258,6 +268,12 @@ def _scale_out_seconds(event: dict | None) -> float | None:
     if event is None:
         return None
     return float(event["reason"].split("serving ", 1)[1].split(" s ", 1)[0])
+
+
+def partition_drill(clients: int, tokens: int, log: Path) -> dict:
+    from bench.partition import partition_drill as drill  # it builds on this module's client
+
+    return drill(clients, tokens, log)
 
 
 def main() -> None:

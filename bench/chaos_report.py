@@ -50,6 +50,18 @@ def report(first: dict, out: Path) -> None:
               f"{first['failed_before_stream']}, **{'met' if first['failed_before_stream'] == 0 else 'MISSED'}**; "
               "the desired count ready again within detection + one scale-out (the replacement's own, +0.5 s "
               f"for the supervision tick and sampling), every fault: **{'met' if met else 'MISSED'}**"]
+    partition = first.get("partition")
+    if partition is not None:
+        from bench.partition import partition_table
+
+        none_failed = partition["failed_before_stream"] == 0
+        lines += ["", *partition_table(partition),
+                  f"- partition, 0 failed requests that had not started streaming: "
+                  f"{partition['failed_before_stream']}, **{'met' if none_failed else 'MISSED'}**; "
+                  f"a replica on the healed node serving again: "
+                  f"**{'met' if partition['serving_again_after_heal_s'] is not None else 'MISSED'}**"]
+    else:
+        lines += ["", "No partition drill: this host cannot make network namespaces (root and iproute2 needed)."]
     lines += ["", "Mid-stream failures are the streams the dead replica was generating: their bytes had reached the "
               "client, so they end with an OpenAI error event and are not retried (by design). A SIGSTOPped "
               "replica is detected by its failed health checks (3 × 1 s), the others by their process exit. A "

@@ -8,7 +8,8 @@ bytes of a relay cross a veth pair and a bridge, shaped with ``tc`` where a rate
 (shaped, then unshaped), per plan (``weights.fanout`` star, then chain) and per N: an App with N nodes
 and one replica (the seed, on node1) scales to N, one new replica per new node, all at once. Meanwhile
 the benchmark samples, every 0.1 s, how many bytes of each node's copy are sealed in the data system.
-Recorded: when every copy was in place and when every new replica served (``scale()`` returned: its
+Recorded: when the first relay began (its engine's load), when every copy was in place and when every
+new replica served (``scale()`` returned: its
 first token included), since ``scale()`` was called; each relay's GB/s; and that every replica answers
 with the seed's greedy tokens. Needs root and iproute2. Nothing else may run meanwhile.
 
@@ -98,7 +99,7 @@ def fan_out(model: Path, cache: Path, nodes: int, fanout: str, gbps: float | Non
         new_nodes = [f"node{index}" for index in range(2, nodes + 1)]
         sampler = CopySampler(app.status()["ds_address"], fingerprint, new_nodes)
         log(f"{link}, {fanout}: scale from 1 replica (node1) to {nodes}, one new replica per new node")
-        started = time.perf_counter()
+        started, started_wall = time.perf_counter(), time.time()
         sampler.start(started)
         scaled = app.scale(nodes)
         serve_s = time.perf_counter() - started
@@ -109,15 +110,16 @@ def fan_out(model: Path, cache: Path, nodes: int, fanout: str, gbps: float | Non
     relays = [{"replica_id": r.replica_id, "node": r.node, "source": r.weights.source.value,
                "fetched_from": r.weights.fetched_from, "failovers": r.weights.fetch_failovers,
                "relay_s": r.weights.fetch_seconds, "fallback": r.weights.fallback_reason,
-               "in_place_s": sampler.in_place_at(r.node)}
+               "in_place_s": sampler.in_place_at(r.node),
+               "began_s": round(r.weights.finished_at - r.weights.seconds - started_wall, 3)}
               for r in scaled.replicas if r.action == "added" and r.weights is not None]
     for relay in relays:
         relay["gbps"] = round(sampler.total / relay["relay_s"] / 1e9, 4) if relay["relay_s"] else None
     in_place = [relay["in_place_s"] for relay in relays]
-    first_byte = next((s["t"] for s in sampler.samples if any(s.get(node) for node in new_nodes)), None)
     return {"nodes": nodes, "fanout": fanout, "link_gbps": gbps, "ok": scaled.ok, "bytes": sampler.total,
             "copies_in_place_s": max(in_place) if in_place and None not in in_place else None,
-            "first_byte_s": first_byte, "serving_s": round(serve_s, 3), "relays": relays, "samples": sampler.samples,
+            "relays_began_s": min((relay["began_s"] for relay in relays), default=None),
+            "serving_s": round(serve_s, 3), "relays": relays, "samples": sampler.samples,
             "identical_tokens": all(t == seed_tokens for t in tokens.values())}
 
 

@@ -11,11 +11,11 @@ from bench.run import host_line
 TITLE = "Weights across nodes"
 
 
-def _span(run: dict) -> float | None:
-    """From the first byte of any copy sealed to the last copy complete: the transfer itself."""
-    if run["copies_in_place_s"] is None or run["first_byte_s"] is None:
+def _span(run: dict | None) -> float | None:
+    """From the first relay's start to the last copy complete: the transfer, without the engines' start."""
+    if run is None or run["copies_in_place_s"] is None or run["relays_began_s"] is None:
         return None
-    return run["copies_in_place_s"] - run["first_byte_s"]
+    return run["copies_in_place_s"] - run["relays_began_s"]
 
 
 def _s(value: float | None) -> str:
@@ -29,7 +29,7 @@ def _met(ok: bool) -> str:
 def _table(runs: list[dict], gbps: float | None) -> list[str]:
     link = f"links shaped to {gbps:g} Gbit/s both ways" if gbps else "unshaped links"
     lines = [f"**{link.capitalize()}**", "",
-             "| fan-out | plan | copies in place (since `scale()`) | transfer (first byte → last copy) | "
+             "| fan-out | plan | copies in place (since `scale()`) | transfer (first relay began → last copy) | "
              "every new replica serving | relays (from → to: GB/s) | tokens |", "|---|---|---|---|---|---|---|"]
     for run in sorted(runs, key=lambda r: (r["nodes"], r["fanout"] != "star")):
         relays = ", ".join(f"{r['fetched_from'] or 'disk'}→{r['node']}: {r['gbps'] or 0:.3f}"
@@ -81,8 +81,8 @@ def report(result: dict, out: Path, publish: bool) -> None:
     star = next((r for r in shaped if r["nodes"] == most and r["fanout"] == "star"), None)
     link_gbs = gbps / 8
     one_gbps = one["relays"][0]["gbps"] if one and one["relays"] and one["relays"][0]["gbps"] else 0.0
-    ratio = _span(chain) / _span(one) if chain and one and _span(chain) and _span(one) else None
-    star_ratio = _span(star) / _span(one) if star and one and _span(star) and _span(one) else None
+    ratio = _span(chain) / _span(one) if _span(chain) and _span(one) else None
+    star_ratio = _span(star) / _span(one) if _span(star) and _span(one) else None
     plot = _plot(result, out)
     c = result["conditions"]
     lines = [
@@ -101,7 +101,7 @@ def report(result: dict, out: Path, publish: bool) -> None:
         "| target | measured | |", "|---|---|---|",
         f"| one relay ≥ 85 % of the link rate ({link_gbs:.3f} GB/s) | {one_gbps:.3f} GB/s = "
         f"{one_gbps / link_gbs * 100:.0f} % | {_met(one_gbps >= 0.85 * link_gbs)} |",
-        f"| fan-out 1 → {most} within 1.5× one relay's time (transfer, first byte → last copy) | chain "
+        f"| fan-out 1 → {most} within 1.5× one relay's time (transfer: first relay began → last copy) | chain "
         f"{_s(_span(chain))} = {ratio or 0:.2f}× {_s(_span(one))}; star {_s(_span(star))} = {star_ratio or 0:.2f}× | "
         f"{_met(ratio is not None and ratio <= 1.5)} |",
         f"| identical greedy tokens on every node, every run | {sum(r['identical_tokens'] for r in runs)}/"

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 _CLONE_NEWNET = 0x40000000
 _IFNAMSIZ = 15  # the kernel's limit on an interface name, without its terminating NUL
+MTU = "9000"  # jumbo frames, as data centre links for this traffic have: a sixth of the packets to process
 _FIRST_NODE_HOST = 10  # node i gets the subnet's host address number 10 + i: .11, .12, ...
 # What `ip` prints when asked to delete something that is not there (any more).
 _ABSENT = ("Cannot find device", "No such file or directory", "does not exist")
@@ -173,14 +174,15 @@ class NodeNetwork:
         rate = f"{self.link_gbps * 1000:g}mbit" if self.link_gbps else ""
         shape = ["root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms"] if rate else []
         # Made before the try: if it exists, it belongs to a live NodeNetwork of this owner, not to us.
-        _run("ip", "link", "add", self.bridge, "type", "bridge")
+        _run("ip", "link", "add", self.bridge, "mtu", MTU, "type", "bridge")
         try:
             _run("ip", "addr", "add", self.bridge_address + prefix, "dev", self.bridge)
             _run("ip", "link", "set", self.bridge, "up")
             for node in self.nodes:
                 peer = self._peer(node)
                 _run("ip", "netns", "add", node.netns)
-                _run("ip", "link", "add", node.host_link, "type", "veth", "peer", "name", peer, "netns", node.netns)
+                _run("ip", "link", "add", node.host_link, "mtu", MTU, "type", "veth", "peer", "name", peer, "mtu", MTU,
+                     "netns", node.netns)
                 _run("ip", "link", "set", node.host_link, "master", self.bridge, "up")
                 _run("ip", "-n", node.netns, "link", "set", "lo", "up")
                 _run("ip", "-n", node.netns, "addr", "add", node.address + prefix, "dev", peer)
