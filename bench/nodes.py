@@ -7,7 +7,7 @@ Each node is a network namespace with its own address and link (``runtime.node_n
 bytes of a relay cross a veth pair and a bridge, shaped with ``tc`` where a rate is given. Per link
 (shaped, then unshaped), per plan (``weights.fanout`` star, then chain) and per N: an App with N nodes
 and one replica (the seed, on node1) scales to N, one new replica per new node, all at once. Meanwhile
-the benchmark samples, every 0.1 s, how many bytes of each node's copy are sealed in the data system.
+the benchmark samples, every 0.2 s, how many bytes of each node's copy are sealed in the data system.
 Recorded: when the first relay began (its engine's load), when every copy was in place and when every
 new replica served (``scale()`` returned: its
 first token included), since ``scale()`` was called; each relay's GB/s; and that every replica answers
@@ -46,7 +46,7 @@ def greedy(url: str, model: str) -> list[int]:
 class CopySampler:
     """Every ``interval_s``, the bytes of each node's copy sealed in the data system (its relayed keys)."""
 
-    def __init__(self, ds_address: str, fingerprint: str, nodes: list[str], interval_s: float = 0.1) -> None:
+    def __init__(self, ds_address: str, fingerprint: str, nodes: list[str], interval_s: float = 0.2) -> None:
         self._tier = HostTier(ds_address)
         keys = WeightKeys(fingerprint, RankLayout())
         manifest = Manifest.model_validate_json(bytes(self._tier.get([keys.manifest])[0]))
@@ -70,13 +70,17 @@ class CopySampler:
         self._thread.join()
 
     def _run(self) -> None:
-        while True:
+        present = {node: [False] * len(names) for node, names in self._keys.items()}
+        while True:  # asks only about keys not seen yet: the sampler must not load the workers it watches
             sample: dict = {"t": round(time.perf_counter() - self._started, 3)}
             for node, names in self._keys.items():
+                missing = [i for i, seen in enumerate(present[node]) if not seen]
                 try:
-                    sample[node] = sum(size for size, present in zip(self._sizes, self._tier.exists(names)) if present)
+                    for i, there in zip(missing, self._tier.exists([names[i] for i in missing]) if missing else []):
+                        present[node][i] = there
                 except TierError:
-                    sample[node] = None
+                    pass
+                sample[node] = sum(size for size, seen in zip(self._sizes, present[node]) if seen)
             self.samples.append(sample)
             if self._stop.wait(self._interval_s):
                 return
@@ -109,7 +113,7 @@ def fan_out(model: Path, cache: Path, nodes: int, fanout: str, gbps: float | Non
         seed_tokens = tokens[app.start_report.replicas[0].replica_id]
     relays = [{"replica_id": r.replica_id, "node": r.node, "source": r.weights.source.value,
                "fetched_from": r.weights.fetched_from, "failovers": r.weights.fetch_failovers,
-               "relay_s": r.weights.fetch_seconds, "fallback": r.weights.fallback_reason,
+               "relay_s": r.weights.fetch_seconds, "read_s": r.weights.fetch_read_seconds, "fallback": r.weights.fallback_reason,
                "in_place_s": sampler.in_place_at(r.node),
                "began_s": round(r.weights.finished_at - r.weights.seconds - started_wall, 3)}
               for r in scaled.replicas if r.action == "added" and r.weights is not None]

@@ -90,7 +90,7 @@ def report(result: dict, out: Path, publish: bool) -> None:
         f"{(one or runs[0])['bytes'] / 1e9:.2f} GB of weights. Each node is a network namespace with its own "
         "address, a veth pair to a bridge and its own data system worker (`runtime.node_network=netns`); its "
         "replicas' engines run inside it. Per row: an App with N nodes and one replica (the seed, node1) "
-        "scales to N, one new replica per new node, all at once; a sampler reads every 0.1 s how many bytes "
+        "scales to N, one new replica per new node, all at once; a sampler reads every 0.2 s how many bytes "
         "of each new node's copy are sealed. Seed from a warm page cache; nothing else was running. One run.", "",
         *_table(shaped, gbps), *_table(unshaped, None),
         "A star reads every copy from node1, so node1's link carries N-1 copies; the chain relays them "

@@ -213,3 +213,15 @@ def test_check_available_says_root_is_needed(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(NodeNetworkError, match="needs root.*loopback works without"):
         node_network.check_available()
+
+
+def test_an_app_asked_for_netns_without_root_fails_at_start_saying_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.config import ConfigError, RuntimeConfig
+    from app.runtime.openyuanrong import Runtime
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    runtime = Runtime(RuntimeConfig(local_nodes=2, node_network="netns"))
+    with pytest.raises(ConfigError, match="needs root and iproute2"):
+        runtime.start(shared_memory_mb=256)
+    runtime.stop()
+    assert runtime.network is None and runtime.nodes == []  # nothing was started

@@ -54,6 +54,11 @@ def seeded(cluster, fingerprint: str) -> tuple[WeightKeys, list[tuple[str, torch
     return keys, params, Manifest.model_validate_json(bytes(home.get([keys.manifest])[0]))
 
 
+def relay(cluster, node: str, keys: WeightKeys, plan: WeightPlan, manifest: Manifest) -> relay_module.Relayed:
+    """A relay onto ``node`` through its worker, as a replica's loader runs it."""
+    return relay_module.relay(tier(cluster, node), tier(cluster, node), keys, plan, manifest)
+
+
 def plan_for(node: str, sources: list[str], address: str, timeout_ms: int = 1000) -> WeightPlan:
     return WeightPlan(kind=PlanKind.MAP, replica_id=f"r-{node}", fingerprint="0" * 32, node=node, ds_address=address,
                       fetch_from=sources[0], fetch_fallbacks=sources[1:], home="node1", timeout_ms=timeout_ms,
@@ -73,7 +78,7 @@ def test_a_chain_relays_in_step_and_the_second_new_node_reads_from_the_first(clu
     results: dict[str, relay_module.Relayed] = {}
 
     def run(node: str, sources: list[str]) -> None:
-        results[node] = relay_module.relay(tier(cluster, node), keys, plan_for(node, sources, address[node]), manifest)
+        results[node] = relay(cluster, node, keys, plan_for(node, sources, address[node]), manifest)
 
     # node3 starts first: it can only go as fast as node2 seals its batches.
     threads = [threading.Thread(target=run, args=("node3", ["node2", "node1"]))]
@@ -97,7 +102,7 @@ def test_a_source_that_stops_mid_relay_is_left_for_the_one_before_it(cluster):
     seeding.publish_copy(tier(cluster, "node2"), keys.on("node2"), RankLayout(), params[:5],
                          SimpleNamespace(dtype=torch.float32))
     node3 = next(n.ds_address for n in cluster.nodes if n.name == "node3")
-    relayed = relay_module.relay(tier(cluster, "node3"), keys, plan_for("node3", ["node2", "node1"], node3), manifest)
+    relayed = relay(cluster, "node3", keys, plan_for("node3", ["node2", "node1"], node3), manifest)
     assert relayed.source == "node1"
     (failover,) = relayed.failovers
     assert failover.startswith("node2: ") and "not there within 1 s" in failover
@@ -109,7 +114,7 @@ def test_a_relay_whose_sources_all_fail_says_why_and_leaves_no_partial_copy(clus
     node3 = next(n.ds_address for n in cluster.nodes if n.name == "node3")
     plan = plan_for("node3", ["node2"], node3)  # node2 never got a copy, and node1 is not in the plan
     with pytest.raises(TierError, match=r"every source failed: node2: .*not there within 1 s"):
-        relay_module.relay(tier(cluster, "node3"), keys, plan, manifest)
+        relay(cluster, "node3", keys, plan, manifest)
     assert not any(tier(cluster, "node3").exists(keys.on("node3").copy_keys(TENSORS)))
 
 
@@ -117,9 +122,8 @@ def test_a_source_whose_worker_is_killed_mid_chain_is_left_for_the_seeds_node(cl
     """Last in the module: node2's worker stays dead."""
     keys, params, manifest = seeded(cluster, "b4" * 16)
     address = {n.name: n.ds_address for n in cluster.nodes}
-    relay_module.relay(tier(cluster, "node2"), keys, plan_for("node2", ["node1"], address["node2"]), manifest)
+    relay(cluster, "node2", keys, plan_for("node2", ["node1"], address["node2"]), manifest)
     os.kill(cluster.pids()["node2"], signal.SIGKILL)
-    relayed = relay_module.relay(tier(cluster, "node3"), keys, plan_for("node3", ["node2", "node1"], address["node3"]),
-                                 manifest)
+    relayed = relay(cluster, "node3", keys, plan_for("node3", ["node2", "node1"], address["node3"]), manifest)
     assert relayed.source == "node1" and relayed.failovers[0].startswith("node2: ")
     assert_copy_on(cluster, "node3", keys, params)

@@ -37,6 +37,7 @@ APP_BYTES, WORKER_BYTES = 1 * GB, GB // 4
 # 256 MB for manifests and markers. A size larger than its use costs nothing: the worker's pages are
 # allocated as objects fill them.
 USABLE_FRACTION, HEADROOM_BYTES = 0.83, 256 * MB
+RELAY_PIECE_BYTES = 64 * MB  # app.weights.relay.BATCH_BYTES: the control plane does not import the weight plane
 _DTYPE_BYTES = {"float32": 4, "F32": 4, "bfloat16": 2, "BF16": 2, "float16": 2, "F16": 2, "F64": 8,
                 "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -51,6 +52,9 @@ class MemoryPlan(BaseModel):
     private_copies: int  # replicas that hold their own copy (weights disabled, or pulled)
     nodes: int  # local nodes that hold copies at start-up
     kv_capacity_bytes: int  # KV blocks the data system keeps
+    # Several nodes: a relaying node also holds its largest tensor's transit chunks and the piece it is
+    # reading (app.weights.relay) beside its copy.
+    relay_bytes: int = 0
     engine_ranks: int  # engine ranks started at start-up
     engine_rank_bytes: int  # each: its KV cache and vLLM's own memory
     available_bytes: int  # MemAvailable when the App started
@@ -73,7 +77,7 @@ class MemoryPlan(BaseModel):
     @property
     def _stored(self) -> int:
         """What the worker must store: the weights, and the KV blocks it may keep."""
-        return self.weights_bytes * self.copies + self.kv_capacity_bytes
+        return self.weights_bytes * self.copies + self.kv_capacity_bytes + self.relay_bytes
 
     def check(self) -> None:
         """Raise HostMemoryError, with the numbers, if the shared memory or the host is too small."""
@@ -114,8 +118,11 @@ def plan_memory(config: AppConfig, model_dir: Path, available_bytes: int | None 
     # The seed moves its weights into the data system; a pulled replica copies them out again.
     private = (replicas if not config.weights.enabled
                else max(0, replicas - 1) if config.weights.cpu_mode == "pull" else 0)
+    tensors = tensor_bytes(model_dir, config.engine.dtype)
+    relaying = config.weights.enabled and config.runtime.local_nodes > 1
     plan = MemoryPlan(
-        weights_bytes=weight_bytes(model_dir, config.engine.dtype),
+        weights_bytes=sum(tensors),
+        relay_bytes=max(tensors, default=0) + RELAY_PIECE_BYTES if relaying else 0,
         copies=len(set(sizes.values())) if config.weights.enabled else 0,
         private_copies=private,
         nodes=max(1, min(config.runtime.local_nodes, replicas)),
@@ -136,10 +143,16 @@ def _mb(nbytes: float) -> int:
 def weight_bytes(model_dir: Path, dtype: str) -> int:
     """The bytes of the checkpoint's tensors in ``dtype`` ("auto": as stored), from the safetensors
     headers; the files' sizes for other formats."""
+    return sum(tensor_bytes(model_dir, dtype))
+
+
+def tensor_bytes(model_dir: Path, dtype: str) -> list[int]:
+    """Each checkpoint tensor's bytes in ``dtype``, from the safetensors headers; each file's size for
+    other formats."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        return sum(path.stat().st_size for pattern in ("*.bin", "*.pt") for path in model_dir.glob(pattern))
-    total = 0
+        return [path.stat().st_size for pattern in ("*.bin", "*.pt") for path in model_dir.glob(pattern)]
+    sizes = []
     for path in files:
         with open(path, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
@@ -150,5 +163,5 @@ def weight_bytes(model_dir: Path, dtype: str) -> int:
             numel = 1
             for extent in tensor["shape"]:
                 numel *= extent
-            total += numel * (_DTYPE_BYTES.get(dtype) or _DTYPE_BYTES.get(tensor["dtype"], 2))
-    return total
+            sizes.append(numel * (_DTYPE_BYTES.get(dtype) or _DTYPE_BYTES.get(tensor["dtype"], 2)))
+    return sizes

@@ -64,6 +64,8 @@ class LoadReport(BaseModel):
     fetch_failovers: list[str] = Field(default_factory=list, description="Sources given up mid-relay, "
                                        "each with why ('node3: ...'); the relay went on from the next.")
     fetch_seconds: float | None = Field(None, description="The relay onto this node (part of ``seconds``).")
+    fetch_read_seconds: float | None = Field(None, description="Of ``fetch_seconds``, waiting for reads: the "
+                                             "link, or a source still relaying; the rest is storing.")
     parameters: int = Field(0, description="Parameters filled.")
     bytes: int = Field(0, description="Weight bytes filled.")
     seconds: float = Field(0.0, description="Time to fill every parameter (and publish, for a seed).")
@@ -85,11 +87,12 @@ class LoadReport(BaseModel):
                      for r in ranks if r.fallback_reason]
         fetched = {r.fetched_from for r in ranks}
         relays = [r.fetch_seconds for r in ranks if r.fetch_seconds is not None]
+        reads = [r.fetch_read_seconds for r in ranks if r.fetch_read_seconds is not None]
         publish = [r.publish_seconds for r in ranks if r.publish_seconds is not None]
         return cls(replica_id=ranks[0].replica_id, plan=ranks[0].plan, source=worst.source, node=ranks[0].node,
                    fetched_from=fetched.pop() if len(fetched) == 1 else None,
                    fetch_failovers=[f for r in ranks for f in r.fetch_failovers],
-                   fetch_seconds=max(relays) if relays else None,
+                   fetch_seconds=max(relays) if relays else None, fetch_read_seconds=max(reads) if reads else None,
                    parameters=sum(r.parameters for r in ranks), bytes=sum(r.bytes for r in ranks),
                    seconds=slowest.seconds, publish_seconds=max(publish) if publish else None,
                    waited_seconds=max(r.waited_seconds for r in ranks),

@@ -97,7 +97,9 @@ class DataSystemLoader(BaseModelLoader):
         report = LoadReport(replica_id=plan.replica_id, rank=layout.tp_rank, plan=plan.kind, source=source,
                             node=plan.node, fetched_from=relayed.source if relayed else None,
                             fetch_failovers=relayed.failovers if relayed else [],
-                            fetch_seconds=round(relayed.seconds, 4) if relayed else None, parameters=len(params),
+                            fetch_seconds=round(relayed.seconds, 4) if relayed else None,
+                            fetch_read_seconds=round(relayed.read_seconds, 4) if relayed else None,
+                            parameters=len(params),
                             bytes=sum(p.numel() * p.element_size() for _, p in params),
                             seconds=round(seconds, 4), waited_seconds=round(waited_s, 4),
                             publish_seconds=None if publish_s is None else round(publish_s, 4), seed_move=seed_move,
@@ -126,7 +128,7 @@ def _from_cache(model: nn.Module, plan: WeightPlan, keys: WeightKeys, layout: Ra
     relayed = None
     if plan.sources:
         manifest = _source_manifest(tier, keys, plan, layout, params, model_config)
-        relayed = relay(tier, keys, plan, manifest)
+        relayed = relay(tier, _host_tier(plan, writes=True), keys, plan, manifest)
     local = keys if plan.node == plan.home_node else keys.on(plan.node)
     views = _fetch(tier, local, layout, params, model_config, plan.verify, plan.timeout_ms)
     if plan.kind is PlanKind.MAP and _on_cpu(params):
@@ -177,25 +179,28 @@ def _describe(params: list[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple[i
     return [(name, tuple(p.shape), str(p.dtype), p.numel() * p.element_size()) for name, p in params]
 
 
-_TIERS: dict[str, HostTier] = {}  # one client per process, alive as long as mapped weights are
-# A seed's publish is worth waiting for: abandoned, it sends the next replica to the disk again, with
-# a second copy of the weights in memory. On 2 busy cores (the 7B shape, both ranks moving at once) the
-# worker once answered a seal after more than 5 s.
+_TIERS: dict[tuple[str, bool], HostTier] = {}  # per worker and timeout; alive as long as mapped weights are
+# A seed's publish, or a relay's, is worth waiting for: abandoned, it sends the next replica to the
+# disk again, with a second copy of the weights in memory. On 2 busy cores (the 7B shape, both ranks
+# moving at once; a relay beside engines starting) the worker answered a seal after more than 5 s.
 _SEED_TIMEOUT_MS = 60_000
 
 
-def _host_tier(plan: WeightPlan) -> HostTier:
-    """The host tier also carries the manifests of the npu tier."""
-    if plan.ds_address not in _TIERS:
-        timeout_ms = max(plan.timeout_ms, _SEED_TIMEOUT_MS) if plan.kind is PlanKind.SEED else plan.timeout_ms
-        _TIERS[plan.ds_address] = HostTier(plan.ds_address, timeout_ms)
-    return _TIERS[plan.ds_address]
+def _host_tier(plan: WeightPlan, writes: bool = False) -> HostTier:
+    """This replica's client of its node's worker. The host tier also carries the manifests of the npu
+    tier. ``writes``: a client for a seed's or a relay's writes, whose seals are worth waiting for."""
+    key = (plan.ds_address, writes or plan.kind is PlanKind.SEED)
+    if key not in _TIERS:
+        _TIERS[key] = HostTier(plan.ds_address, max(plan.timeout_ms, _SEED_TIMEOUT_MS) if key[1] else plan.timeout_ms)
+    return _TIERS[key]
 
 
 def _connect_ahead(plan: WeightPlan) -> None:
     if plan.kind is not PlanKind.DISK:
         try:
             _host_tier(plan)
+            if plan.sources:
+                _host_tier(plan, writes=True)
         except TierError:
             pass  # the load itself connects again, and reports why it could not
 

@@ -49,6 +49,7 @@ class Relayed:
     source: str  # the node the last batch came from
     failovers: list[str] = field(default_factory=list)  # "node: why" for each source given up
     seconds: float = 0.0
+    read_seconds: float = 0.0  # of which waiting for reads: the link, or a source still relaying
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,11 @@ def _pieces(sizes: list[int]) -> list[_Piece]:
     return pieces
 
 
-def relay(tier: HostTier, keys: WeightKeys, plan: WeightPlan, manifest: Manifest) -> Relayed:
+def relay(tier: HostTier, store: HostTier, keys: WeightKeys, plan: WeightPlan, manifest: Manifest) -> Relayed:
     """Bring ``plan.node`` its copy of the entry ``keys`` from ``plan.sources``; see the module docstring.
-    Raises TierError, having removed what it created."""
+    ``tier`` reads (its calls bounded by the plan's timeouts), ``store`` writes into this node's worker
+    (a client with a longer timeout: on 2 busy cores a seal once took more than 5 s). Raises TierError,
+    having removed what it created."""
     started, own = time.perf_counter(), keys.on(plan.node)
     sizes = [entry.nbytes for entry in manifest.tensors]
     logger.info("Relaying %d tensors (%.2f GB) onto %s from %s", len(sizes), sum(sizes) / 1e9, plan.node,
@@ -95,22 +98,25 @@ def relay(tier: HostTier, keys: WeightKeys, plan: WeightPlan, manifest: Manifest
     state, pieces = _Sources(keys, plan), _pieces(sizes)
     everything = own.copy_keys(len(sizes)) + [own.chunk(p.tensor, p.part) for p in pieces if not p.tensors]
     open_tensors: dict[int, tuple[object, memoryview]] = {}  # large tensors being filled part by part
+    read_s = 0.0
     try:
-        _remove(tier, everything)  # what a relay onto this node that died left
+        _remove(store, everything)  # what a relay onto this node that died left
         for piece in pieces:
+            reading = time.perf_counter()
             views = state.read(tier, piece)
+            read_s += time.perf_counter() - reading
             if piece.tensors:
-                _store(tier, [own.tensor(i) for i in piece.tensors], views)
+                _store(store, [own.tensor(i) for i in piece.tensors], views)
             else:
-                _store_part(tier, own, piece, views[0], sizes, open_tensors)
-        tier.put([(own.manifest, memoryview(manifest.model_dump_json().encode()))])
+                _store_part(store, own, piece, views[0], sizes, open_tensors)
+        store.put([(own.manifest, memoryview(manifest.model_dump_json().encode()))])
     except TierError:
-        _remove(tier, everything)
+        _remove(store, everything)
         raise
     seconds = time.perf_counter() - started
-    logger.info("Relayed %.2f GB onto %s from %s in %.2f s (%.2f GB/s)", sum(sizes) / 1e9, plan.node,
-                state.sources[0], seconds, sum(sizes) / 1e9 / seconds)
-    return Relayed(state.sources[0], state.failovers, seconds)
+    logger.info("Relayed %.2f GB onto %s from %s in %.2f s (%.2f GB/s; %.2f s of it reading)", sum(sizes) / 1e9,
+                plan.node, state.sources[0], seconds, sum(sizes) / 1e9 / seconds, read_s)
+    return Relayed(state.sources[0], state.failovers, seconds, read_s)
 
 
 def _store(tier: HostTier, names: list[str], views: list[memoryview]) -> None:
