@@ -111,6 +111,14 @@ def test_a_failed_create_removes_what_it_made(monkeypatch: pytest.MonkeyPatch) -
         net.remove()
 
 
+def test_a_host_without_any_namespace_yet_is_no_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """iproute2 prints nothing at all (not ``[]``) for `ip -j netns list` before the first namespace."""
+    run = node_network._run
+    monkeypatch.setattr(node_network, "_run",
+                        lambda *command: "" if command[1:] == ("-j", "netns", "list") else run(*command))
+    assert NodeNetwork.remove_stale() == []
+
+
 def test_a_cut_link_partitions_the_node_until_healed() -> None:
     net = NodeNetwork(2, subnet="10.213.6.0/24")
     server = None

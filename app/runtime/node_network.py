@@ -65,6 +65,11 @@ def _run(*command: str) -> str:
     return done.stdout
 
 
+def _json(*command: str) -> list[dict]:
+    """An ``ip -j`` listing; iproute2 prints nothing, not ``[]``, for "netns list" with no namespace."""
+    return json.loads(_run(*command) or "[]")
+
+
 def _run_if_present(*command: str) -> bool:
     """Run a deleting command; False if the thing was absent already, which is the outcome wanted too."""
     try:
@@ -200,7 +205,7 @@ class NodeNetwork:
 
     def _check_subnet_free(self) -> None:
         """Refuse a subnet this namespace already routes: the nodes would be unreachable, or hijack it."""
-        for route in json.loads(_run("ip", "-j", "-4", "route", "show")):
+        for route in _json("ip", "-j", "-4", "route", "show"):
             if route["dst"] != "default" and ipaddress.IPv4Network(route["dst"], strict=False).overlaps(self.subnet):
                 holder = f"{route['dst']} on device {route.get('dev', '?')}"
                 raise NodeNetworkError(f"subnet {self.subnet} is already routed here ({holder}); choose another one")
@@ -219,7 +224,7 @@ class NodeNetwork:
         logger.info("node network: link of %s %s", node, "healed" if up else "cut")
 
     def link_is_up(self, node: str) -> bool:
-        (link,) = json.loads(_run("ip", "-j", "link", "show", "dev", self._node(node).host_link))
+        (link,) = _json("ip", "-j", "link", "show", "dev", self._node(node).host_link)
         return "UP" in link["flags"]
 
     def exec_prefix(self, node: str) -> list[str]:
@@ -235,8 +240,8 @@ class NodeNetwork:
     @classmethod
     def remove_stale(cls) -> list[str]:
         """Remove the namespaces and links of Apps whose process is gone (SIGKILLed, crashed)."""
-        namespaces = [entry["name"] for entry in json.loads(_run("ip", "-j", "netns", "list"))]
-        links = [entry["ifname"] for entry in json.loads(_run("ip", "-j", "link", "show"))]
+        namespaces = [entry["name"] for entry in _json("ip", "-j", "netns", "list")]
+        links = [entry["ifname"] for entry in _json("ip", "-j", "link", "show")]
         removed = []
         for kind, names in (("netns", namespaces), ("link", links)):
             for name in names:
