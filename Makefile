@@ -48,6 +48,7 @@ pd: $(STAMP)
 	$(VENV)/bin/python -m bench.pd $(ARGS)
 
 nodes: $(STAMP)
+	$(VENV)/bin/pip install -q -r requirements-bench.txt
 	$(VENV)/bin/python -m bench.nodes $(ARGS)
 
 zero: $(STAMP)

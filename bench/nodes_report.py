@@ -48,6 +48,7 @@ def _plot(result: dict, out: Path) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib is not installed: no plot (pip install -r requirements-bench.txt)")
         return None
     shaped = [r for r in result["runs"] if r["link_gbps"]]
     most = max((r["nodes"] for r in shaped), default=0)

@@ -73,12 +73,13 @@ class Scaler:
         self._replicas: dict[str, _Replica] = {}
         self._stopping: list[threading.Thread] = []  # failed replicas being stopped
         self._seq = itertools.count(1)
-        self._lock = threading.Lock()  # guards _replicas
+        self._lock = threading.Lock()  # guards _replicas and _cut_off
         self._turn = threading.Lock()  # one scaling at a time
 
     def set_node_reachable(self, node: str, reachable: bool) -> None:
         """A node was cut off (no new replica goes there) or is back."""
-        (self._cut_off.discard if reachable else self._cut_off.add)(node)
+        with self._lock:  # heard from the node watch's threads
+            (self._cut_off.discard if reachable else self._cut_off.add)(node)
 
     def counts(self) -> dict[Role, int]:
         """Replicas per role, whatever their state."""
@@ -186,7 +187,7 @@ class Scaler:
             with ThreadPoolExecutor(max_workers=len(adds), thread_name_prefix="scale-out") as pool:
                 with self._lock:
                     placed = [r.info.node for r in self._replicas.values()]
-                reachable = [node for node in self._nodes if node.name not in self._cut_off]
+                    reachable = [node for node in self._nodes if node.name not in self._cut_off]
                 if not reachable:
                     raise RuntimeError(f"every node is cut off ({', '.join(sorted(self._cut_off))}); "
                                        "no replica can be placed")
