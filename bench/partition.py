@@ -18,11 +18,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from app.runtime.node_network import NodeNetwork
 from bench.chaos import Outcome, stream_once
 from bench.driver import http_call, start_driver, status, stop_driver
 
 CUT_S = 30.0
 NODE = "node2"
+SUBNET = "10.213.60.0/24"
 
 
 def set_link(link: str, up: bool) -> None:
@@ -42,12 +44,13 @@ def first_event(url: str, kind: str, after: float, timeout_s: float = 120.0) -> 
 def partition_drill(clients: int, tokens: int, log: Path) -> dict:
     env = {"YRLLM_ENGINE__THREADS": "1", "YRLLM_ENGINE__DTYPE": "float32", "YRLLM_ENGINE__MAX_MODEL_LEN": "512",
            "YRLLM_RUNTIME__LOCAL_NODES": "3", "YRLLM_RUNTIME__NODE_NETWORK": "netns",
-           "YRLLM_RUNTIME__NODE_SUBNET": "10.213.60.0/24"}
+           "YRLLM_RUNTIME__NODE_SUBNET": SUBNET}
     driver, url = start_driver(3, log, env)
     try:
         model = status(url)["models"][0]
-        node = next(n for n in status(url)["nodes"] if n["name"] == NODE)
-        link = f"{node['netns']}h"  # the driver's end of the node's veth pair (app.runtime.node_network)
+        # The driver's end of the node's veth pair, named after the App's pid as the App named it.
+        network = NodeNetwork(3, SUBNET, owner_pid=driver.pid)
+        link = next(node.host_link for node in network.nodes if node.name == NODE)
         outcomes: list[Outcome] = []
         stop = threading.Event()
 
