@@ -72,6 +72,28 @@ def _plot(result: dict, out: Path) -> str | None:
     return path.name
 
 
+def _where_the_time_went(one: dict | None, chain: dict | None, unshaped: list[dict], most: int, link_gbs: float,
+                         cores: int) -> list[str]:
+    """From the relays' own split of their time (reading, the rest storing) and rates."""
+    lines = []
+    if one and one["relays"] and one["relays"][0]["read_s"]:
+        relay = one["relays"][0]
+        read_gbs = one["bytes"] / relay["read_s"] / 1e9
+        lines.append(f"Where the time went: the single relay took {relay['relay_s']:.1f} s, {relay['read_s']:.1f} s of "
+                     f"it reading ({read_gbs:.3f} GB/s, {read_gbs / link_gbs * 100:.0f} % of the link) and the rest "
+                     "storing into its node's worker (page faults in fresh shared memory; a large tensor's parts "
+                     "written twice, as transit chunks and into the tensor), one after the other: the data "
+                     "system client's read holds the GIL.")
+    if chain and chain["relays"]:
+        rates = [r["gbps"] for r in chain["relays"] if r["gbps"]]
+        pair = {r["fanout"]: _span(r) for r in unshaped if r["nodes"] == most}
+        lines.append(f"The 1 → {most} chain's relays ran at {min(rates):.3f}-{max(rates):.3f} GB/s each, beside "
+                     f"{most - 1} engine starts on {cores} cores" + (
+                         f"; unshaped, the chain took {_s(pair.get('chain'))} and the star {_s(pair.get('star'))}: "
+                         "where the cores, not the links, bound a relay, the plan cannot help" if pair else "") + ".")
+    return lines + [""] if lines else []
+
+
 def report(result: dict, out: Path, publish: bool) -> None:
     runs, gbps = result["runs"], result["link_gbps"]
     shaped = [r for r in runs if r["link_gbps"]]
@@ -95,8 +117,8 @@ def report(result: dict, out: Path, publish: bool) -> None:
         "of each new node's copy are sealed. Seed from a warm page cache; nothing else was running. One run.", "",
         *_table(shaped, gbps), *_table(unshaped, None),
         "A star reads every copy from node1, so node1's link carries N-1 copies; the chain relays them "
-        "node1 → node2 → node3 → node4, each node passing on 64 MiB batches as they are sealed "
-        "(`app.weights.relay`).", "",
+        "from node1 to the first new node to ask, from it to the next, and so on (the relays column shows "
+        "the order), each node passing on 64 MiB pieces as they are sealed (`app.weights.relay`).", "",
         *([f"![copies in place over time]({plot})", ""] if plot else []),
         "Targets (shaped links):", "",
         "| target | measured | |", "|---|---|---|",
@@ -107,6 +129,6 @@ def report(result: dict, out: Path, publish: bool) -> None:
         f"{_met(ratio is not None and ratio <= 1.5)} |",
         f"| identical greedy tokens on every node, every run | {sum(r['identical_tokens'] for r in runs)}/"
         f"{len(runs)} runs | {_met(all(r['identical_tokens'] for r in runs))} |",
-        "",
+        "", *_where_the_time_went(one, chain, unshaped, most, link_gbs, c["cores"]),
     ]
     write_section(out, "nodes", TITLE, "\n".join(lines), publish)
