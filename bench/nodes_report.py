@@ -28,7 +28,7 @@ def _met(ok: bool) -> str:
 
 def _table(runs: list[dict], gbps: float | None) -> list[str]:
     link = f"links shaped to {gbps:g} Gbit/s both ways" if gbps else "unshaped links"
-    lines = [f"**{link.capitalize()}**", "",
+    lines = [f"**{link[0].upper()}{link[1:]}**", "",
              "| fan-out | plan | copies in place (since `scale()`) | transfer (first relay began → last copy) | "
              "every new replica serving | relays (from → to: GB/s) | tokens |", "|---|---|---|---|---|---|---|"]
     for run in sorted(runs, key=lambda r: (r["nodes"], r["fanout"] != "star")):
