@@ -118,6 +118,27 @@ def test_a_relay_whose_sources_all_fail_says_why_and_leaves_no_partial_copy(clus
     assert not any(tier(cluster, "node3").exists(keys.on("node3").copy_keys(TENSORS)))
 
 
+def test_a_store_that_fails_mid_relay_stops_it_and_leaves_no_partial_copy(cluster):
+    """The node's own worker refuses a write (full, or gone) while the next piece is being read."""
+    keys, params, manifest = seeded(cluster, "b5" * 16)
+    node3 = next(n.ds_address for n in cluster.nodes if n.name == "node3")
+    store, creates = tier(cluster, "node3"), []
+
+    class FillsUp(HostTier):  # our own client, its fourth create refused as a full worker refuses it
+        def create(self, keys, sizes):
+            creates.append(keys)
+            if len(creates) == 4:
+                raise TierError("creating ..: code: [Out of memory] (on purpose)")
+            return super().create(keys, sizes)
+
+    full = FillsUp(node3, timeout_ms=2000)
+    with pytest.raises(TierError, match="on purpose"):
+        relay_module.relay(store, full, keys, plan_for("node3", ["node1"], node3), manifest)
+    assert len(creates) == 4  # it stopped there
+    leftovers = keys.on("node3").copy_keys(TENSORS) + [keys.on("node3").chunk(3, part) for part in range(3)]
+    assert not any(store.exists(leftovers))
+
+
 def test_a_source_whose_worker_is_killed_mid_chain_is_left_for_the_seeds_node(cluster):
     """Last in the module: node2's worker stays dead."""
     keys, params, manifest = seeded(cluster, "b4" * 16)

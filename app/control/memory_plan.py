@@ -52,8 +52,8 @@ class MemoryPlan(BaseModel):
     private_copies: int  # replicas that hold their own copy (weights disabled, or pulled)
     nodes: int  # local nodes that hold copies at start-up
     kv_capacity_bytes: int  # KV blocks the data system keeps
-    # Several nodes: a relaying node also holds its largest tensor's transit chunks and the piece it is
-    # reading (app.weights.relay) beside its copy.
+    # Several nodes: a relaying node also holds its largest tensor's transit chunks, the piece it is
+    # reading and the piece it is storing (app.weights.relay) beside its copy.
     relay_bytes: int = 0
     engine_ranks: int  # engine ranks started at start-up
     engine_rank_bytes: int  # each: its KV cache and vLLM's own memory
@@ -122,7 +122,7 @@ def plan_memory(config: AppConfig, model_dir: Path, available_bytes: int | None 
     relaying = config.weights.enabled and config.runtime.local_nodes > 1
     plan = MemoryPlan(
         weights_bytes=sum(tensors),
-        relay_bytes=max(tensors, default=0) + RELAY_PIECE_BYTES if relaying else 0,
+        relay_bytes=max(tensors, default=0) + 2 * RELAY_PIECE_BYTES if relaying else 0,
         copies=len(set(sizes.values())) if config.weights.enabled else 0,
         private_copies=private,
         nodes=max(1, min(config.runtime.local_nodes, replicas)),

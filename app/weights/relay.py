@@ -21,6 +21,7 @@ the same piece. With none left the relay fails with every reason, and the loader
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -97,18 +98,15 @@ def relay(tier: HostTier, store: HostTier, keys: WeightKeys, plan: WeightPlan, m
                 " then ".join(plan.sources))
     state, pieces = _Sources(keys, plan), _pieces(sizes)
     everything = own.copy_keys(len(sizes)) + [own.chunk(p.tensor, p.part) for p in pieces if not p.tensors]
-    open_tensors: dict[int, tuple[object, memoryview]] = {}  # large tensors being filled part by part
     read_s = 0.0
     try:
         _remove(store, everything)  # what a relay onto this node that died left
-        for piece in pieces:
-            reading = time.perf_counter()
-            views = state.read(tier, piece)
-            read_s += time.perf_counter() - reading
-            if piece.tensors:
-                _store(store, [own.tensor(i) for i in piece.tensors], views)
-            else:
-                _store_part(store, own, piece, views[0], sizes, open_tensors)
+        with _Writer(store, own, sizes) as writer:
+            for piece in pieces:
+                reading = time.perf_counter()
+                views = state.read(tier, piece)
+                read_s += time.perf_counter() - reading
+                writer.store(piece, views)
         store.put([(own.manifest, memoryview(manifest.model_dump_json().encode()))])
     except TierError:
         _remove(store, everything)
@@ -119,24 +117,100 @@ def relay(tier: HostTier, store: HostTier, keys: WeightKeys, plan: WeightPlan, m
     return Relayed(state.sources[0], state.failovers, seconds, read_s)
 
 
-def _store(tier: HostTier, names: list[str], views: list[memoryview]) -> None:
-    created = tier.create(names, [len(view) for view in views])
-    for (_, target), view in zip(created, views):
-        _copy(view, target)
-    tier.seal(created)
+class _Writer:
+    """Stores the pieces into this node's objects, in order, in a thread of its own, while the relay
+    reads the next piece: the copy into shared memory (its page faults) overlaps the read.
 
+    The data system client's read holds the GIL for as long as it runs (FINDINGS.md), so a thread
+    that is not yet inside a copy when a read begins waits for the whole read. ``store`` therefore
+    hands a piece over and returns only once the writer is inside its first copy (which lets go of
+    the GIL); the writer's seals, which need the GIL, then wait at most for that one read. At most two
+    pieces are held: the one stored and the one read."""
 
-def _store_part(tier: HostTier, own: WeightKeys, piece: _Piece, view: memoryview, sizes: list[int],
-                open_tensors: dict[int, tuple[object, memoryview]]) -> None:
-    """Copy a part into its tensor's object (sealed with the last part), and seal it on its own as a
-    transit chunk for the next node meanwhile; the chunks go once the whole tensor is sealed."""
-    if piece.part == 0:
-        open_tensors[piece.tensor] = tier.create([own.tensor(piece.tensor)], [sizes[piece.tensor]])[0]
-    _copy(view, open_tensors[piece.tensor][1][piece.offset:piece.offset + piece.nbytes])
-    _store(tier, [own.chunk(piece.tensor, piece.part)], [view])
-    if piece.last:
-        tier.seal([open_tensors.pop(piece.tensor)])
-        _remove(tier, [own.chunk(piece.tensor, part) for part in range(piece.part + 1)])
+    def __init__(self, tier: HostTier, own: WeightKeys, sizes: list[int]) -> None:
+        self._tier, self._own, self._sizes = tier, own, sizes
+        self._open: dict[int, tuple[object, memoryview]] = {}  # large tensors being filled part by part
+        self._handed = threading.Semaphore(0)  # a piece is there to store
+        self._copying = threading.Semaphore(0)  # the writer took it: inside its copy, or done
+        self._piece: tuple[_Piece, list[memoryview]] | None = None  # handed over, not yet taken
+        self._waiting = False  # the reader waits for the piece taken to begin its copy
+        self._error: TierError | None = None
+        self._thread = threading.Thread(target=self._run, name="relay-writer", daemon=True)
+
+    def __enter__(self) -> "_Writer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._piece = None
+        self._handed.release()  # None: no more pieces
+        self._thread.join()
+        if self._error is not None and exc_info[0] is None:
+            raise self._error
+
+    def store(self, piece: _Piece, views: list[memoryview]) -> None:
+        """Hand ``piece`` over once the previous one is sealed; returns once its copy has begun.
+        Raises the TierError that stopped the writer."""
+        if self._error is not None:
+            raise self._error
+        self._piece = (piece, views)
+        self._handed.release()
+        self._copying.acquire()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            self._handed.acquire()
+            handed, self._piece = self._piece, None
+            if handed is None:
+                return
+            piece, views = handed
+            self._waiting = True
+            try:
+                if piece.tensors:
+                    self._store([self._own.tensor(i) for i in piece.tensors], views)
+                else:
+                    self._store_part(piece, views[0])
+            except TierError as exc:
+                self._error = exc
+            finally:
+                self._began()  # a piece that failed before its copy frees the reader too
+
+    def _began(self) -> None:
+        """The piece's first copy begins: the reader may read the next (once per piece)."""
+        if self._waiting:
+            self._waiting = False
+            self._copying.release()
+
+    def _store(self, names: list[str], views: list[memoryview]) -> None:
+        created = self._tier.create(names, [len(view) for view in views])
+        self._copy(views, [target for _, target in created])
+        self._tier.seal(created)
+
+    def _store_part(self, piece: _Piece, view: memoryview) -> None:
+        """Copy a part into its tensor's object (sealed with the last part), and into a transit chunk
+        of its own, sealed for the next node meanwhile; the chunks go once the whole tensor is sealed."""
+        own = self._own
+        if piece.part == 0:
+            self._open[piece.tensor] = self._tier.create([own.tensor(piece.tensor)], [self._sizes[piece.tensor]])[0]
+        chunk = self._tier.create([own.chunk(piece.tensor, piece.part)], [piece.nbytes])
+        self._copy([view, view], [self._open[piece.tensor][1][piece.offset:piece.offset + piece.nbytes], chunk[0][1]])
+        self._tier.seal(chunk)
+        if piece.last:
+            self._tier.seal([self._open.pop(piece.tensor)])
+            _remove(self._tier, [own.chunk(piece.tensor, part) for part in range(piece.part + 1)])
+
+    def _copy(self, views: list[memoryview], targets: list[memoryview]) -> None:
+        """One torch call for the piece's copies, not ``target[:] = view``: it lets go of the GIL for
+        all of them (one call per tensor would wait for the reader's read between tensors), and
+        spreads a large copy over the cores."""
+        with warnings.catch_warnings():  # the source views are read-only; they are only read
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            sources = [torch.frombuffer(view, dtype=torch.uint8) for view in views]
+            destinations = [torch.frombuffer(target, dtype=torch.uint8) for target in targets]
+        self._began()
+        torch._foreach_copy_(destinations, sources)
 
 
 class _Sources:
@@ -161,17 +235,6 @@ class _Sources:
                 logger.warning("Relaying from %s failed; going on from %s", self.failovers[-1],
                                self.sources[0] if self.sources else "nowhere")
         raise TierError("every source failed: " + "; ".join(self.failovers))
-
-
-def _copy(view: memoryview, target: memoryview) -> None:
-    """torch's copy, not ``target[:] = view``: it spreads a large copy over the cores.
-
-    One piece at a time, in one thread: the data system client's read holds the GIL for as long as it
-    takes (measured), so a second thread reading ahead only starved this one (a relay ran at 0.055
-    instead of 0.095 GB/s beside two others)."""
-    with warnings.catch_warnings():  # the source view is read-only; it is only read
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        torch.frombuffer(target, dtype=torch.uint8).copy_(torch.frombuffer(view, dtype=torch.uint8))
 
 
 def _read_when_sealed(tier: HostTier, source: WeightKeys, piece: _Piece, timeout_ms: int) -> list[memoryview]:
