@@ -80,10 +80,10 @@ def _where_the_time_went(one: dict | None, chain: dict | None, unshaped: list[di
         relay = one["relays"][0]
         read_gbs = one["bytes"] / relay["read_s"] / 1e9
         lines.append(f"Where the time went: the single relay took {relay['relay_s']:.1f} s, {relay['read_s']:.1f} s of "
-                     f"it reading ({read_gbs:.3f} GB/s, {read_gbs / link_gbs * 100:.0f} % of the link) and the rest "
-                     "storing into its node's worker (page faults in fresh shared memory; a large tensor's parts "
-                     "written twice, as transit chunks and into the tensor), one after the other: the data "
-                     "system client's read holds the GIL.")
+                     f"it reading ({read_gbs:.3f} GB/s, {read_gbs / link_gbs * 100:.0f} % of the link: a request per "
+                     "64 MiB piece, beside its engine's start); the rest is storing into its node's worker that the "
+                     "reads did not hide (a piece's copies overlap the next read; its create and seal wait for "
+                     "it, as the data system client's read holds the GIL).")
     if chain and chain["relays"]:
         rates = [r["gbps"] for r in chain["relays"] if r["gbps"]]
         pair = {r["fanout"]: _span(r) for r in unshaped if r["nodes"] == most}
