@@ -4,10 +4,11 @@ The first replica on a node brings the node its copy: it reads a source node's k
 worker (the bytes cross the link once), copies each piece into objects under its own node's keys
 (``WeightKeys.on``) and seals them, the copy's manifest last. A piece is a batch of whole tensors or
 one part of a tensor larger than a batch; a large tensor's object is sealed with its last part, and
-each part is sealed meanwhile as a transit chunk of its own. A node after it in a chain reads those
-keys as soon as they are sealed, so node k+1 reads piece i from node k while node k reads piece i+1:
-the time to N nodes stays close to the time to one, where a star would push N copies through the
-seed's link. The WeightCache plans who relays from whom (``app.weights.cache``).
+each part is sealed meanwhile as a transit chunk of its own. A writer thread stores each piece while
+the next is read (``_Writer``). A node after it in a chain reads those keys as soon as they are
+sealed, so node k+1 reads a piece from node k about two pieces behind it: the time to N nodes stays
+close to the time to one, where a star would push N copies through the seed's link. The WeightCache
+plans who relays from whom (``app.weights.cache``).
 
 Why a copy of our own, not the worker's: a reader cannot choose which worker serves a key, and a
 read on a third node takes about half the bytes from each holder whatever the links
@@ -168,12 +169,14 @@ class _Writer:
             piece, views = handed
             self._waiting = True
             try:
+                if self._error is not None:
+                    continue  # the reader raises it; the finally below frees it if it waits
                 if piece.tensors:
                     self._store([self._own.tensor(i) for i in piece.tensors], views)
                 else:
                     self._store_part(piece, views[0])
-            except TierError as exc:
-                self._error = exc
+            except Exception as exc:  # noqa: BLE001 - any: a writer that died silently would hang the reader
+                self._error = exc if isinstance(exc, TierError) else TierError(f"storing a piece failed: {exc!r}")
             finally:
                 self._began()  # a piece that failed before its copy frees the reader too
 
