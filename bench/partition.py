@@ -12,7 +12,6 @@ and until a replica on node2 served again.
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 from dataclasses import asdict
@@ -27,18 +26,22 @@ NODE = "node2"
 SUBNET = "10.213.60.0/24"
 
 
-def set_link(link: str, up: bool) -> None:
-    subprocess.run(["ip", "link", "set", link, "up" if up else "down"], check=True)
-
-
-def first_event(url: str, kind: str, after: float, timeout_s: float = 120.0) -> dict | None:
-    deadline = time.monotonic() + timeout_s
+def first_event(url: str, kind: str, after: float, timeout_s: float = 120.0) -> tuple[dict | None, float]:
+    """The first ``kind`` event since ``after``, and the seconds ``/status`` went unanswered meanwhile
+    (its 10 s timeout each time: once, after a heal, the driver answered nothing for longer)."""
+    deadline, unanswered = time.monotonic() + timeout_s, 0.0
     while time.monotonic() < deadline:
-        found = [e for e in status(url)["events"] if e["kind"] == kind and e["at"] >= after]
+        asked = time.monotonic()
+        try:
+            events = status(url)["events"]
+        except OSError:  # a timeout, or a refused connection
+            unanswered += time.monotonic() - asked
+            continue
+        found = [e for e in events if e["kind"] == kind and e["at"] >= after]
         if found:
-            return found[0]
+            return found[0], round(unanswered, 1)
         time.sleep(0.1)
-    return None
+    return None, round(unanswered, 1)
 
 
 def partition_drill(clients: int, tokens: int, log: Path) -> dict:
@@ -48,9 +51,8 @@ def partition_drill(clients: int, tokens: int, log: Path) -> dict:
     driver, url = start_driver(3, log, env)
     try:
         model = status(url)["models"][0]
-        # The driver's end of the node's veth pair, named after the App's pid as the App named it.
+        # The App's node network as the App named it (after its pid), to cut a link from out here.
         network = NodeNetwork(3, SUBNET, owner_pid=driver.pid)
-        link = next(node.host_link for node in network.nodes if node.name == NODE)
         outcomes: list[Outcome] = []
         stop = threading.Event()
 
@@ -65,13 +67,13 @@ def partition_drill(clients: int, tokens: int, log: Path) -> dict:
             thread.start()
         time.sleep(10)
         cut_at = time.time()
-        set_link(link, False)
+        network.set_link(NODE, False)
         try:
             time.sleep(CUT_S)
         finally:
-            set_link(link, True)
+            network.set_link(NODE, True)
         healed_at = time.time()
-        rejoined = first_event(url, "node_rejoined", healed_at)
+        rejoined, unanswered_s = first_event(url, "node_rejoined", healed_at)
         scaled_out = None
         if rejoined is not None:
             code, body = http_call(url, "/scaleout", {"replicas": 4}, timeout=300)
@@ -84,7 +86,8 @@ def partition_drill(clients: int, tokens: int, log: Path) -> dict:
         replicas = status(url)["replicas"]
     finally:
         stop_driver(driver)
-    return judge(cut_at, healed_at, rejoined, scaled_out, events, replicas, outcomes)
+    return {**judge(cut_at, healed_at, rejoined, scaled_out, events, replicas, outcomes),
+            "status_unanswered_after_heal_s": unanswered_s}
 
 
 def judge(cut_at: float, healed_at: float, rejoined: dict | None, scaled_out: dict | None, events: list[dict],
@@ -122,4 +125,5 @@ def partition_table(result: dict) -> list[str]:
             f"{result['cut_seen_s']} | {result['replica_failed_s']} | {result['replaced_s']} | "
             f"{result['rejoined_after_heal_s']} | {result['serving_again_after_heal_s']} |", "",
             f"On rejoin: {result['rejoin_reason']}. Ready replicas on {NODE} at the end: "
-            f"{', '.join(result['replicas_on_node_after']) or 'none'}.", ""]
+            f"{', '.join(result['replicas_on_node_after']) or 'none'}. The Router's `/status` went unanswered for "
+            f"{result.get('status_unanswered_after_heal_s', 'n/a')} s between the heal and the rejoin.", ""]

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+from app.runtime.node_network import exec_in
 from app.runtime.processes import ChildProcess, free_port, port_open
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class DataSystemWorker:
             **self._flags,
         }
         started = time.monotonic()
-        inside = ["ip", "netns", "exec", self._netns] if self._netns else []
+        inside = exec_in(self._netns) if self._netns else []
         self._process = ChildProcess(
             "data system worker",
             [*inside, str(package / "datasystem_worker"), *(f"--{k}={v}" for k, v in flags.items())],

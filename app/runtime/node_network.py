@@ -92,6 +92,11 @@ def check_available() -> None:
         )
 
 
+def exec_in(netns: str) -> list[str]:
+    """The command prefix that runs a process inside network namespace ``netns``."""
+    return ["ip", "netns", "exec", netns]
+
+
 def enter(netns: str) -> None:
     """Move the calling process into network namespace ``netns``, as ``ip netns exec`` would.
 
@@ -229,7 +234,7 @@ class NodeNetwork:
 
     def exec_prefix(self, node: str) -> list[str]:
         """The command prefix that runs a process inside the node's namespace."""
-        return ["ip", "netns", "exec", self._node(node).netns]
+        return exec_in(self._node(node).netns)
 
     def _node(self, name: str) -> NetnsNode:
         for node in self.nodes:

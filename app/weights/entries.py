@@ -143,8 +143,9 @@ class EntryObjects:
         return missing
 
     def _tensor_count(self, keys: WeightKeys, nodes: Iterable[str]) -> int | None:
-        """The tensors in one rank's entry, from the first manifest that reads: the seed's, or a node copy's."""
-        for copy in [keys, *(keys.on(node) for node in nodes if node != keys.node)]:
+        """The tensors in one rank's entry (``keys``: the seed's), from the first manifest that reads: the
+        seed's, or one of ``nodes``' copies'."""
+        for copy in [keys, *(keys.on(node) for node in nodes)]:
             try:
                 return len(Manifest.model_validate_json(bytes(self._host().get([copy.manifest])[0])).tensors)
             except (TierError, ValueError):
